@@ -1,0 +1,1 @@
+"""Profiles and the cost model fitted from them. No torch here: the simulator imports this."""

@@ -1,0 +1,178 @@
+"""The profile file: costs measured by `profile` on one device for one model.
+
+A profile is JSON. Each *mode* (e.g. `fp32-nocache`, `bf16`, `bf16-compiled`) holds two timing
+grids — prefill over batch x prompt length, decode over batch x context — plus memory figures,
+so a scenario can pick the mode it deploys. Missing grid points (out of memory) are null.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sim.errors import InputError
+from sim.fields import Fields
+from sim.files import write_atomic
+
+SCHEMA_VERSION = 1
+SHIPPED = Path(__file__).parent / "profiles"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Median seconds of one forward pass over a (batch, x) grid; nan where not measured."""
+
+    batch: np.ndarray  # ascending batch sizes
+    x: np.ndarray  # ascending prompt lengths (prefill) or cached contexts (decode)
+    seconds: np.ndarray  # shape (len(batch), len(x))
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    dtype: str
+    kv_cache: bool
+    compiled: bool
+    weights_bytes: int
+    kv_bytes_per_token: int
+    prefill: Grid
+    decode: Grid
+    concurrency: dict[int, float]  # workers sharing the device -> decode step seconds
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    path: str
+    device_type: str
+    device_name: str
+    memory_bytes: int
+    model_name: str
+    model_load_s: float
+    modes: dict[str, Mode]
+    raw: dict[str, Any]
+
+    def mode(self, name: str, where: str) -> Mode:
+        if name not in self.modes:
+            raise InputError(f"{where}: profile {self.name!r} has no mode {name!r} "
+                             f"(it has: {', '.join(self.modes)})")
+        return self.modes[name]
+
+
+def resolve(name_or_path: str, base: Path | None = None) -> Path:
+    """A shipped profile name (`cpu-gpt2-tiny`) or a path, relative to `base` if given."""
+    candidate = Path(name_or_path)
+    if base is not None and not candidate.is_absolute():
+        candidate = base / candidate
+    if candidate.suffix == ".json" and candidate.exists():
+        return candidate
+    shipped = SHIPPED / f"{name_or_path}.json"
+    if shipped.exists():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.json")))
+    raise InputError(f"profile {name_or_path!r} not found: not a file, nor a shipped profile ({names})")
+
+
+def save(profile: dict[str, Any], path: str | Path) -> None:
+    write_atomic(path, json.dumps(profile, indent=1, sort_keys=True) + "\n")
+
+
+def load(path: str | Path) -> Profile:
+    path = str(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read profile: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not a profile: invalid JSON ({e})") from None
+    return parse(data, path)
+
+
+def _grid(section: Fields, x_key: str) -> Grid:
+    batch = section.nums("batch", positive=True)
+    x = section.nums(x_key, positive=True)
+    for key, values in (("batch", batch), (x_key, x)):
+        if sorted(set(values)) != values:
+            section.fail("must be strictly ascending", key)
+    rows = section.raw("median_s")
+    if not isinstance(rows, list) or len(rows) != len(batch):
+        section.fail(f"expected {len(batch)} rows (one per batch size)", "median_s")
+    seconds = np.full((len(batch), len(x)), np.nan)
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != len(x):
+            section.fail(f"row {i} must have {len(x)} values (one per {x_key})", "median_s")
+        for j, v in enumerate(row):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                section.fail(f"[{i}][{j}] must be a positive number of seconds or null, got {v!r}", "median_s")
+            seconds[i, j] = v
+    if np.isnan(seconds).all():
+        section.fail("has no measured point", "median_s")
+    for key in ("p10_s", "p90_s", "peak_memory_bytes", "repeats"):
+        section.raw(key, None)  # measured extras, carried for reports
+    section.done()
+    return Grid(np.array(batch, dtype=float), np.array(x, dtype=float), seconds)
+
+
+def parse(data: Any, path: str) -> Profile:
+    top = Fields(data, path)
+    version = top.raw("schema_version")
+    if version != SCHEMA_VERSION:
+        top.fail(f"is {version!r}; this servesim reads version {SCHEMA_VERSION} (re-run `profile`)",
+                 "schema_version")
+    device = top.section("device", required=True)
+    model = top.section("model", required=True)
+    modes_section = top.section("modes", required=True)
+    modes = {}
+    for name in modes_section.data:
+        m = modes_section.section(name, required=True)
+        conc = m.section("concurrency")
+        concurrency = {}
+        if conc is not None:
+            workers = conc.nums("workers", positive=True)
+            steps = conc.nums("step_s", positive=True)
+            if len(workers) != len(steps):
+                conc.fail("must have as many values as workers", "step_s")
+            concurrency = {int(w): s for w, s in zip(workers, steps)}
+            conc.num("context", None, positive=True)  # the shape each worker decoded
+            conc.num("batch", None, positive=True)
+            conc.done()
+        modes[name] = Mode(
+            name=name,
+            dtype=m.str("dtype"),
+            kv_cache=m.bool("kv_cache"),
+            compiled=m.bool("compiled"),
+            weights_bytes=m.num("weights_bytes", positive=True, integer=True),
+            kv_bytes_per_token=m.num("kv_bytes_per_token", low=0, integer=True),
+            prefill=_grid(m.section("prefill", required=True), "length"),
+            decode=_grid(m.section("decode", required=True), "context"),
+            concurrency=concurrency,
+            raw=m.data,
+        )
+        for key in ("compile_s", "max_batch", "peak_flops", "notes"):
+            m.raw(key, None)
+        m.done()
+    if not modes:
+        modes_section.fail("has no mode")
+    profile = Profile(
+        name=top.str("name"),
+        path=path,
+        device_type=device.str("type", choices=("cpu", "cuda")),
+        device_name=device.str("name"),
+        memory_bytes=device.num("memory_bytes", positive=True, integer=True),
+        model_name=model.str("name"),
+        model_load_s=top.num("model_load_s", low=0),
+        modes=modes,
+        raw=data,
+    )
+    for key in ("created_at", "command", "grid", "servesim_version"):
+        top.raw(key, None)
+    top.done()
+    return profile

@@ -1,0 +1,204 @@
+"""Timing forward passes on a device: the measurements behind a profile.
+
+Every figure here is measured: median and spread over repetitions after warm-ups, with the
+device synchronised around each call (so the time includes Python and kernel-launch overhead,
+as a serving engine pays it). Prefill computes logits for the last position only, as serving
+engines do. Decode steps run against a KV cache of the stated context, filled with random
+tensors of the model's own cache shape (the cost does not depend on their values).
+"""
+
+from __future__ import annotations
+
+import statistics
+from contextlib import nullcontext
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    prefill_batch: tuple[int, ...]
+    prefill_length: tuple[int, ...]
+    decode_batch: tuple[int, ...]
+    decode_context: tuple[int, ...]
+    warmup: int = 2
+    repeats: int = 7
+    max_point_s: float = 1.5  # stop repeating a slow point after this long (3 repeats at least)
+    concurrency_workers: tuple[int, ...] = (1, 2, 4, 8)
+
+
+GRIDS = {
+    "cpu": GridSpec((1, 2, 4, 8), (16, 64, 256, 1024), (1, 2, 4, 8, 16, 32), (64, 256, 1024, 4096)),
+    "cpu-quick": GridSpec((1, 4), (16, 128), (1, 4), (64, 256), warmup=1, repeats=3, max_point_s=0.3,
+                          concurrency_workers=(1, 2)),
+    "cuda": GridSpec((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048, 4096),
+                     (1, 2, 4, 8, 16, 32, 64, 128, 256), (128, 512, 1024, 2048, 4096, 8192), repeats=10),
+    "cuda-quick": GridSpec((1, 8), (128, 1024), (1, 16, 64), (128, 2048), warmup=2, repeats=5,
+                           concurrency_workers=(1, 2)),
+}
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """An optimisation mode: `<dtype>[-nocache][-compiled]`, e.g. fp32-nocache, bf16-compiled."""
+
+    name: str
+    dtype: str
+    kv_cache: bool
+    compiled: bool
+
+    @classmethod
+    def parse(cls, name: str) -> ModeSpec:
+        parts = name.split("-")
+        flags = set(parts[1:])
+        if parts[0] not in DTYPES or not flags <= {"nocache", "compiled"} or len(flags) != len(parts) - 1:
+            raise ValueError(f"bad mode {name!r}: expected <fp32|fp16|bf16>[-nocache][-compiled]")
+        return cls(name, parts[0], "nocache" not in flags, "compiled" in flags)
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class Bench:
+    """Times passes of one model in one mode on one device."""
+
+    def __init__(self, model, device: torch.device, mode: ModeSpec, spec: GridSpec):
+        self.model, self.device, self.mode, self.spec = model, device, mode, spec
+        self.dtype = DTYPES[mode.dtype]
+        self.vocab = model.config.vocab_size
+        self.forward = torch.compile(model, dynamic=True) if mode.compiled else model
+        with torch.inference_mode():  # learn the cache layout from a one-token pass
+            cache = model(input_ids=self._ids(1, 1), use_cache=True).past_key_values
+            for _ in range(3):  # first passes pay one-time costs (allocator, kernel selection)
+                self.forward(input_ids=self._ids(1, 128), use_cache=mode.kv_cache, logits_to_keep=1)
+        self.cache_shapes = [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers]
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _ids(self, b: int, n: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab, (b, n), device=self.device)
+
+    def kv_bytes_per_token(self) -> int:
+        if not self.mode.kv_cache:
+            return 0
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return sum(2 * heads * dim * itemsize for heads, dim in self.cache_shapes)
+
+    def synthetic_cache(self, b: int, context: int):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i, (heads, dim) in enumerate(self.cache_shapes):
+            k = torch.randn(b, heads, context, dim, device=self.device, dtype=self.dtype)
+            cache.update(k, torch.randn_like(k), i)
+        return cache
+
+    def time(self, call: Callable[[], object]) -> dict:
+        """Median and spread of `call`, with peak device memory on CUDA."""
+        spec = self.spec
+        with torch.inference_mode():
+            for _ in range(spec.warmup):
+                call()
+            self.sync()
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            times: list[float] = []
+            budget_end = time.perf_counter() + spec.max_point_s
+            while len(times) < spec.repeats and (len(times) < 3 or time.perf_counter() < budget_end):
+                start = time.perf_counter()
+                call()
+                self.sync()
+                times.append(time.perf_counter() - start)
+        times.sort()
+        q = statistics.quantiles(times, n=10, method="inclusive")
+        return {"median_s": statistics.median(times), "p10_s": q[0], "p90_s": q[-1], "repeats": len(times),
+                "peak_memory_bytes": torch.cuda.max_memory_allocated(self.device) if self.cuda else None}
+
+    def prefill(self, b: int, length: int) -> dict:
+        ids = self._ids(b, length)
+        use_cache = self.mode.kv_cache
+        return self.time(lambda: self.forward(input_ids=ids, use_cache=use_cache, logits_to_keep=1))
+
+    def decode(self, b: int, context: int) -> dict:
+        """One decode step over `context` cached tokens; without a KV cache, the step recomputes
+        the whole sequence, so it is a forward over context + 1 tokens."""
+        if not self.mode.kv_cache:
+            return self.prefill(b, context + 1)
+        cache = self.synthetic_cache(b, context)
+        ids = self._ids(b, 1)
+        # Each call appends one token to the cache: over ~10 calls the context drifts by <1%
+        # of the smallest grid context, which is what a real decode run does too.
+        return self.time(lambda: self.forward(input_ids=ids, past_key_values=cache, use_cache=True))
+
+    def concurrency(self, workers: int, context: int = 256, steps: int = 20) -> float:
+        """Mean decode-step seconds per worker when `workers` threads share the device, each
+        decoding its own batch-1 request (seed 000's oversubscription experiment)."""
+        results: list[float] = []
+        barrier = threading.Barrier(workers)
+
+        def worker() -> None:
+            stream = torch.cuda.Stream(self.device) if self.cuda else None
+            with torch.inference_mode(), (torch.cuda.stream(stream) if stream else nullcontext()):
+                cache = self.synthetic_cache(1, context)
+                ids = self._ids(1, 1)
+                self.forward(input_ids=ids, past_key_values=cache, use_cache=True)
+                barrier.wait()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    self.forward(input_ids=ids, past_key_values=cache, use_cache=True)
+                if stream:
+                    stream.synchronize()
+                results.append((time.perf_counter() - start) / steps)
+
+        threads = [threading.Thread(target=worker) for _ in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return statistics.mean(results)
+
+
+def device_peaks(device: torch.device, dtypes: list[str]) -> dict:
+    """Measured ceilings: copy bandwidth (bytes read + written per second) and matmul FLOP/s."""
+    cuda = device.type == "cuda"
+
+    def timed(fn, reps: int) -> float:
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        best = float("inf")
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    n_bytes = (1 << 30) if cuda else (1 << 28)
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    bandwidth = 2 * n_bytes / timed(lambda: dst.copy_(src), 5)
+    del src, dst
+    flops = {}
+    for name in dtypes:
+        if not cuda and name != "fp32":
+            continue  # CPUs run half precision far below their fp32 rate: no useful ceiling
+        n = 8192 if cuda else 1024
+        a = torch.randn(n, n, device=device, dtype=DTYPES[name])
+        b = torch.randn(n, n, device=device, dtype=DTYPES[name])
+        flops[name] = 2 * n**3 / timed(lambda: a @ b, 5)
+    return {"copy_bytes_per_s": bandwidth, "matmul_flops": flops}

@@ -1,0 +1,79 @@
+"""Known architectures, built from their configs with random weights (no downloads).
+
+A forward pass costs the same whatever the weights are, so a random-weight model measures the
+real cost. Sizes are those of each model's public card. A local checkpoint folder works too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sim.errors import InputError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str  # transformers config class: gpt2, llama, qwen2, mistral
+    config: dict[str, Any]
+    about: str
+
+
+def _llama(layers, hidden, inter, heads, kv_heads, vocab, positions, theta, **extra):
+    return dict(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=positions,
+                rope_theta=theta, **extra)
+
+
+MODELS = {m.name: m for m in [
+    # Tiny models for CPU tests and demos: small vocabulary, long positions for real traces.
+    ModelSpec("gpt2-tiny", "gpt2", dict(n_layer=4, n_embd=256, n_head=4, vocab_size=2048, n_positions=16384,
+                                         bos_token_id=0, eos_token_id=0),
+              "GPT-2 shape, 4 layers x 256, 2k vocab (CPU demos and tests)"),
+    ModelSpec("llama-tiny", "llama", _llama(4, 256, 688, 4, 2, 2048, 16384, 10000.0, bos_token_id=0, eos_token_id=0),
+              "Llama shape with GQA, 4 layers x 256, 2k vocab (CPU demos and tests)"),
+    ModelSpec("gpt2", "gpt2", dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+              "GPT-2 small, 124M"),
+    ModelSpec("gpt2-medium", "gpt2", dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024),
+              "GPT-2 medium, 355M"),
+    ModelSpec("llama-3.2-1b", "llama", _llama(16, 2048, 8192, 32, 8, 128256, 131072, 500000.0,
+                                              tie_word_embeddings=True, head_dim=64), "Llama 3.2 1B"),
+    ModelSpec("llama-3.1-8b", "llama", _llama(32, 4096, 14336, 32, 8, 128256, 131072, 500000.0), "Llama 3.1 8B"),
+    ModelSpec("qwen2.5-7b", "qwen2", _llama(28, 3584, 18944, 28, 4, 152064, 32768, 1000000.0), "Qwen2.5 7B"),
+    ModelSpec("mistral-7b", "mistral", _llama(32, 4096, 14336, 32, 8, 32768, 32768, 1000000.0), "Mistral 7B v0.3"),
+]}
+
+
+def describe() -> str:
+    return "\n".join(f"  {m.name:<14} {m.about}" for m in MODELS.values())
+
+
+def lookup(name: str) -> ModelSpec | Path:
+    """A registry entry, or the path of a local checkpoint folder."""
+    if name in MODELS:
+        return MODELS[name]
+    path = Path(name)
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise InputError(f"unknown model {name!r}: not a local checkpoint folder, nor one of:\n{describe()}")
+
+
+def build(spec: ModelSpec | Path, dtype, device):
+    """The model in eval mode on `device`, weights initialised there directly (fast for 8B)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device(device):
+        if isinstance(spec, Path):
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        else:
+            config = AutoConfig.for_model(spec.family, **spec.config)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(device).eval()
+
+
+def max_positions(model) -> int:
+    cfg = model.config
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions"))

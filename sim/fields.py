@@ -1,0 +1,96 @@
+"""Reading nested YAML/JSON mappings with errors that name the file, the key path and the problem."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sim.errors import InputError
+
+REQUIRED = object()
+
+
+class Fields:
+    """One mapping of an input file. Every key must be read; `done()` rejects the rest."""
+
+    def __init__(self, data: Any, file: str, path: str = ""):
+        self.file, self.path = file, path
+        if not isinstance(data, dict):
+            self.fail(f"expected a mapping, got {type(data).__name__}")
+        self.data = data
+        self.read: set[str] = set()
+
+    def where(self, key: str | None = None) -> str:
+        parts = [p for p in (self.path, key) if p]
+        return ".".join(parts) or "(top level)"
+
+    def fail(self, problem: str, key: str | None = None) -> None:
+        raise InputError(f"{self.file}: {self.where(key)}: {problem}")
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str, default: Any = REQUIRED) -> Any:
+        self.read.add(key)
+        if key not in self.data or self.data[key] is None:
+            if default is REQUIRED:
+                self.fail("is required", key)
+            return default
+        return self.data[key]
+
+    def section(self, key: str, required: bool = False) -> Fields | None:
+        value = self.raw(key, REQUIRED if required else None)
+        return None if value is None else Fields(value, self.file, self.where(key))
+
+    def str(self, key: str, default: Any = REQUIRED, choices: tuple[str, ...] | None = None) -> str:
+        value = self.raw(key, default)
+        if value is None:
+            return value
+        if not isinstance(value, str):
+            self.fail(f"expected a string, got {value!r}", key)
+        if choices and value not in choices:
+            self.fail(f"{value!r} is not one of: {', '.join(choices)}", key)
+        return value
+
+    def bool(self, key: str, default: Any = REQUIRED) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            self.fail(f"expected true or false, got {value!r}", key)
+        return value
+
+    def num(self, key: str, default: Any = REQUIRED, *, low: float | None = None,
+            high: float | None = None, positive: bool = False, integer: bool = False) -> Any:
+        value = self.raw(key, default)
+        if value is None:
+            return value
+        return self._check_num(value, key, low, high, positive, integer)
+
+    def nums(self, key: str, default: Any = REQUIRED, *, positive: bool = False,
+             low: float | None = None, min_len: int = 1) -> list[float]:
+        value = self.raw(key, default)
+        if not isinstance(value, list) or len(value) < min_len:
+            self.fail(f"expected a list of at least {min_len} numbers, got {value!r}", key)
+        return [self._check_num(v, f"{key}[{i}]", low, None, positive, False) for i, v in enumerate(value)]
+
+    def _check_num(self, value, key, low, high, positive, integer):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(f"expected a number, got {value!r}", key)
+        if not math.isfinite(value):
+            self.fail(f"must be finite, got {value!r}", key)
+        if integer:
+            if value != int(value):
+                self.fail(f"expected a whole number, got {value!r}", key)
+            value = int(value)
+        if positive and value <= 0:
+            self.fail(f"must be > 0, got {value!r}", key)
+        if low is not None and value < low:
+            self.fail(f"must be >= {low}, got {value!r}", key)
+        if high is not None and value > high:
+            self.fail(f"must be <= {high}, got {value!r}", key)
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.read)
+        if unknown:
+            allowed = ", ".join(sorted(self.read))
+            self.fail(f"unknown key {unknown[0]!r} (allowed here: {allowed})")

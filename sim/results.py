@@ -1,0 +1,178 @@
+"""Turning a simulation run into tidy tables, a summary, and files on disk."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sim.files import atomic_folder
+from sim.scenario import Scenario
+from sim.simulator import REJECT_REASONS, Run
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+def requests_frame(run: Run) -> pd.DataFrame:
+    """One row per request, times in seconds from the start of the trace."""
+    t, o = run.trace, run.outcome
+    decode_steps = t.output_tokens - 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(decode_steps > 0, (o.finished_at - o.first_token_at) / decode_steps, np.nan)
+    tpot[o.cache_hit] = np.nan  # a cached answer has no decoding
+    return pd.DataFrame({
+        "request_id": np.arange(len(t)),
+        "arrived_at": t.arrived_at,
+        "scheduled_at": o.scheduled_at,
+        "first_token_at": o.first_token_at,
+        "finished_at": o.finished_at,
+        "prompt_tokens": t.prompt_tokens,
+        "output_tokens": t.output_tokens,
+        "queue_s": o.scheduled_at - t.arrived_at,
+        "ttft_s": o.first_token_at - t.arrived_at,
+        "tpot_s": tpot,
+        "e2e_s": o.finished_at - t.arrived_at,
+        "replica": o.replica,
+        "worker": o.worker,
+        "cache_hit": o.cache_hit,
+        "preemptions": o.preemptions,
+        "rejected": np.array(REJECT_REASONS, dtype=object)[o.rejected],
+    })
+
+
+def timeseries_frame(run: Run) -> pd.DataFrame:
+    return pd.DataFrame(run.samples)
+
+
+def _stats(values: pd.Series) -> dict[str, float | None]:
+    v = values.dropna().to_numpy()
+    if len(v) == 0:
+        return {f"p{p}": None for p in PERCENTILES} | {"mean": None}
+    out = {f"p{p}": float(x) for p, x in zip(PERCENTILES, np.percentile(v, PERCENTILES))}
+    out["mean"] = float(v.mean())
+    return out
+
+
+def meets_slo(frame: pd.DataFrame, scenario: Scenario) -> pd.Series:
+    """Per request: served, and within every SLO bound (a request with no TPOT meets that one)."""
+    ok = frame["finished_at"].notna()
+    for target in scenario.slo:
+        col = frame[f"{target.metric}_s"]
+        ok &= col.isna() | (col <= target.max_s) if target.metric == "tpot" else col <= target.max_s
+    return ok
+
+
+def summarise(run: Run, scenario: Scenario, frame: pd.DataFrame) -> dict[str, Any]:
+    served = frame[frame["finished_at"].notna()]
+    start = float(frame["arrived_at"].min())
+    span = max(float(served["finished_at"].max()) - start, 1e-12) if len(served) else math.nan
+    output_tokens = int(served["output_tokens"].sum())
+    good = meets_slo(frame, scenario)
+    slo = {}
+    for target in scenario.slo:
+        col = served[f"{target.metric}_s"].dropna()
+        value = float(np.percentile(col, target.percentile)) if len(col) else None
+        slo[target.metric] = {"percentile": target.percentile, "max_s": target.max_s, "value_s": value,
+                              "met": value is not None and value <= target.max_s}
+    gpu_hours = run.gpu_seconds / 3600
+    cost = gpu_hours * scenario.usd_per_gpu_hour
+    ts = timeseries_frame(run)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kv_frac = (ts["kv_used_tokens"] / ts["kv_capacity_tokens"]).replace([np.inf, -np.inf], np.nan)
+    passes = run.batch_sizes
+    rejected = frame["rejected"][frame["rejected"] != ""].value_counts().sort_index()
+    workers = scenario.deployment.workers_per_gpu
+    return {
+        "scenario": scenario.name,
+        "seed": scenario.seed,
+        "profile": str(scenario.deployment.profile.stem),
+        "mode": scenario.deployment.mode,
+        "policy": scenario.deployment.batching.policy,
+        "requests": int(len(frame)),
+        "served": int(len(served)),
+        "rejected": {str(k): int(v) for k, v in rejected.items()},
+        "ttft_s": _stats(served["ttft_s"]),
+        "tpot_s": _stats(served["tpot_s"]),
+        "e2e_s": _stats(served["e2e_s"]),
+        "queue_s": _stats(served["queue_s"]),
+        "throughput_rps": len(served) / span,
+        "output_tokens_per_s": output_tokens / span,
+        "goodput_rps": int(good.sum()) / span,
+        "slo_attainment": float(good.mean()),
+        "slo": slo,
+        "slo_met": all(s["met"] for s in slo.values()),
+        "mean_batch_size": float((passes * np.arange(len(passes))).sum() / max(passes.sum(), 1)),
+        "forward_passes": int(passes.sum()),
+        "gpu_utilization": min(run.busy_s / max(run.gpu_seconds * workers, 1e-12), 1.0),
+        "kv_cache_utilization_mean": float(kv_frac.mean()) if kv_frac.notna().any() else None,
+        "kv_cache_utilization_max": float(kv_frac.max()) if kv_frac.notna().any() else None,
+        "kv_cache_tokens_per_worker": None if math.isinf(run.kv_capacity) else int(run.kv_capacity),
+        "preemptions": int(frame["preemptions"].sum()),
+        "cache_hit_rate": float(frame["cache_hit"].mean()),
+        "gpu_hours": gpu_hours,
+        "cost_usd": cost,
+        "usd_per_million_output_tokens": cost / output_tokens * 1e6 if output_tokens else None,
+        "autoscaler_actions": len(run.actions),
+        "simulated_s": run.end_s,
+    }
+
+
+def _fmt(v: float | None, unit: str = "s") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if unit == "s":
+        return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
+    return f"{v:,.2f}"
+
+
+def table(summary: dict[str, Any]) -> str:
+    """The summary as a human-readable table."""
+    s = summary
+    lines = [f"servesim: {s['scenario']}  ({s['policy']} batching, profile {s['profile']} / {s['mode']}, seed {s['seed']})",
+             "",
+             f"{'latency':<10}{'p50':>12}{'p90':>12}{'p95':>12}{'p99':>12}{'mean':>12}"]
+    for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"), ("queue_s", "queueing")):
+        st = s[key]
+        lines.append(f"{label:<10}" + "".join(f"{_fmt(st[k]):>12}" for k in ("p50", "p90", "p95", "p99", "mean")))
+    rejected = ", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "none"
+    kv = s["kv_cache_utilization_mean"]
+    cost_m = s["usd_per_million_output_tokens"]
+    rows = [
+        ("requests", f"{s['requests']:,} ({s['served']:,} served; rejected: {rejected})"),
+        ("throughput", f"{s['throughput_rps']:.2f} req/s, {s['output_tokens_per_s']:,.0f} output tok/s"),
+        ("goodput", f"{s['goodput_rps']:.2f} req/s meeting every SLO ({s['slo_attainment']:.1%} of requests)"),
+    ]
+    for metric, t in s["slo"].items():
+        verdict = "PASS" if t["met"] else "FAIL"
+        rows.append((f"SLO {metric}", f"p{t['percentile']:g} {_fmt(t['value_s'])} vs {_fmt(t['max_s'])}  {verdict}"))
+    rows += [
+        ("batching", f"mean batch {s['mean_batch_size']:.2f} over {s['forward_passes']:,} forward passes"),
+        ("GPU", f"utilisation {s['gpu_utilization']:.1%}, {s['gpu_hours']:.3f} GPU-hours"),
+        ("KV cache", "no KV cache in this mode" if kv is None else
+         f"mean {kv:.1%}, max {s['kv_cache_utilization_max']:.1%} of {s['kv_cache_tokens_per_worker']:,} tokens/worker"),
+        ("preemptions", f"{s['preemptions']:,}"),
+        ("cache hits", f"{s['cache_hit_rate']:.1%}"),
+        ("cost", f"${s['cost_usd']:.2f}" + (f", ${cost_m:.3f} per 1M output tokens" if cost_m is not None else "")),
+        ("autoscaler", f"{s['autoscaler_actions']} actions"),
+    ]
+    lines.append("")
+    lines += [f"{k:<12}{v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def write(out: Path, run: Run, scenario: Scenario, frame: pd.DataFrame, summary: dict[str, Any],
+          extra: dict[str, str] | None = None) -> None:
+    """Write the results folder atomically: requests.csv, timeseries.csv, autoscaler.csv, summary.json."""
+    with atomic_folder(out) as tmp:
+        frame.to_csv(tmp / "requests.csv", index=False)
+        timeseries_frame(run).to_csv(tmp / "timeseries.csv", index=False)
+        pd.DataFrame(run.actions, columns=["time_s", "action", "replicas_before", "replicas_after", "reason"]) \
+            .to_csv(tmp / "autoscaler.csv", index=False)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        (tmp / "scenario.yaml").write_text(Path(scenario.path).read_text(encoding="utf-8"), encoding="utf-8")
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")

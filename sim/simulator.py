@@ -1,0 +1,369 @@
+"""The SimPy model of a deployment: replicas (GPUs) of workers, a router, a response cache and an
+autoscaler, fed by a request stream and priced by a cost model.
+
+Each worker is one SimPy process driving a batching scheduler (sim.scheduler) exactly as the
+live engine does, but advancing SimPy time by the cost model's price of each step instead of
+running a model. Runs of decode steps in which nothing arrives or finishes are priced and
+advanced as one event, so a request costs a handful of events, not one per token.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import simpy
+
+from calibration.cost_model import CostModel
+from calibration.profile import Profile
+from sim.errors import InputError
+from sim.request import Request
+from sim.scenario import Scenario
+from sim.scheduler import ContinuousScheduler, PaddedBatchScheduler, Step
+from sim.workload import Trace
+
+REJECT_REASONS = ("", "kv_cache_too_small", "prompt_exceeds_max_batched_tokens")
+
+
+def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
+    """KV-cache tokens one worker can hold: what device memory leaves after every worker's weights."""
+    dep = scenario.deployment
+    mode = profile.mode(dep.mode, f"{scenario.path}: deployment.mode")
+    if dep.kv_cache_tokens is not None:
+        return dep.kv_cache_tokens
+    if mode.kv_bytes_per_token == 0:  # no KV cache: nothing is kept between steps
+        return math.inf
+    usable = profile.memory_bytes * dep.gpu_memory_utilization
+    free = usable - dep.workers_per_gpu * mode.weights_bytes
+    if free <= 0:
+        raise InputError(
+            f"{scenario.path}: deployment.workers_per_gpu: {dep.workers_per_gpu} copies of the "
+            f"{mode.weights_bytes / 2**30:.2f} GiB model do not fit in {usable / 2**30:.2f} GiB "
+            f"({dep.gpu_memory_utilization:g} of {profile.device_name})")
+    return math.floor(free / dep.workers_per_gpu / mode.kv_bytes_per_token)
+
+
+def make_scheduler(scenario: Scenario, kv_capacity: float):
+    b = scenario.deployment.batching
+    if b.policy == "continuous":
+        return ContinuousScheduler(b.max_num_seqs, b.max_batched_tokens, kv_capacity,
+                                   b.chunked_prefill, b.prefix_caching)
+    return PaddedBatchScheduler(b.max_batch_size, kv_capacity, b.max_wait_s if b.policy == "dynamic" else None)
+
+
+@dataclass
+class Outcome:
+    """Per-request results as columns, filled as requests finish (objects are then dropped)."""
+
+    scheduled_at: np.ndarray
+    first_token_at: np.ndarray
+    finished_at: np.ndarray
+    replica: np.ndarray
+    worker: np.ndarray
+    preemptions: np.ndarray
+    cache_hit: np.ndarray
+    rejected: np.ndarray  # index into REJECT_REASONS
+
+    @classmethod
+    def empty(cls, n: int) -> Outcome:
+        nan = lambda: np.full(n, np.nan)  # noqa: E731
+        minus = lambda: np.full(n, -1, dtype=np.int32)  # noqa: E731
+        return cls(nan(), nan(), nan(), minus(), minus(), np.zeros(n, np.int32),
+                   np.zeros(n, bool), np.zeros(n, np.int8))
+
+
+@dataclass
+class Run:
+    """Everything a simulation produced, before summarising."""
+
+    trace: Trace
+    outcome: Outcome
+    samples: dict[str, list]
+    actions: list[tuple[float, str, int, int, str]]  # time, action, replicas before, after, reason
+    batch_sizes: np.ndarray  # forward passes by batch size (index = rows)
+    busy_s: float
+    gpu_seconds: float
+    kv_capacity: float
+    end_s: float
+
+
+class Worker:
+    """One model instance on a GPU: its scheduler, driven in SimPy time."""
+
+    def __init__(self, sim: Simulation, replica: Replica, index: int):
+        self.sim, self.replica, self.index = sim, replica, index
+        self.scheduler = make_scheduler(sim.scenario, sim.kv_capacity)
+        self.wakeup: simpy.Event | None = None
+        self.outstanding = 0
+
+    def submit(self, req: Request) -> None:
+        if not self.scheduler.add(req):
+            self.sim.finish(req)
+            return
+        req.worker = self.index
+        self.outstanding += 1
+        self.wake()
+
+    def wake(self) -> None:
+        if self.wakeup is not None and not self.wakeup.triggered:
+            self.wakeup.succeed()
+
+    def _wait(self, timeout: float):
+        self.wakeup = self.sim.env.event()
+        events = self.wakeup if timeout == math.inf else self.wakeup | self.sim.env.timeout(timeout)
+        return events
+
+    def run(self):
+        env, sim, sched = self.sim.env, self.sim, self.scheduler
+        cost, slowdown = sim.cost, sim.slowdown
+        while True:
+            step = sched.schedule(env.now)
+            if step is None:
+                if self.replica.draining and self.outstanding == 0:
+                    return
+                yield self._wait(sched.wake_at - env.now)
+                self.wakeup = None
+                continue
+            start = env.now
+            if step.prefill_seqs or step.max_repeat == 1 or not sim.jump:
+                repeat, elapsed = 1, cost.step_time(step) * slowdown
+                yield env.timeout(elapsed)
+            else:
+                ends = np.cumsum(cost.decode_run(step.decode_seqs, step.decode_context, step.max_repeat)) * slowdown
+                repeat, elapsed = step.max_repeat, float(ends[-1])
+                if step.interruptible:
+                    yield self._wait(elapsed)
+                    self.wakeup = None
+                    if env.now - start < elapsed:
+                        # Something arrived mid-run: finish the step in progress, then reschedule.
+                        repeat = int(np.searchsorted(ends, env.now - start, side="right")) + 1
+                        elapsed = float(ends[repeat - 1])
+                        yield env.timeout(start + elapsed - env.now)
+                else:
+                    yield env.timeout(elapsed)
+            sim.busy_s += elapsed
+            sim.batch_sizes[step.prefill_seqs + step.decode_seqs] += repeat
+            for r in sched.postprocess(step, env.now, repeat):
+                self.outstanding -= 1
+                sim.finish(r)
+            if sim.ttft_window is not None and step.prefill:
+                for r, _ in step.prefill:
+                    if r.first_token_at == env.now:
+                        sim.ttft_window.append((env.now, env.now - r.arrived_at))
+
+
+@dataclass
+class Replica:
+    """One GPU holding `workers_per_gpu` workers."""
+
+    index: int
+    started_at: float
+    workers: list[Worker] = field(default_factory=list)
+    ready: bool = False
+    draining: bool = False
+    stopped_at: float = math.inf
+
+
+class Simulation:
+    def __init__(self, scenario: Scenario, profile: Profile, trace: Trace, jump: bool = True,
+                 progress: Callable[[int], None] | None = None):
+        self.scenario, self.profile, self.trace, self.jump = scenario, profile, trace, jump
+        self.progress = progress  # called with the number of requests done, every 1% or so
+        dep = scenario.deployment
+        mode = profile.mode(dep.mode, f"{scenario.path}: deployment.mode")
+        self.cost = CostModel(mode)
+        self.slowdown = self.cost.slowdown(dep.workers_per_gpu)
+        self.kv_capacity = kv_capacity_per_worker(scenario, profile)
+        self.env = simpy.Environment()
+        self.rng = random.Random(scenario.seed)
+        n = len(trace)
+        self.outcome = Outcome.empty(n)
+        self.remaining = n
+        self.progress_every = max(n // 100, 1)
+        self.all_done = self.env.event()
+        self.replicas: list[Replica] = []
+        self.workers: list[Worker] = []
+        self.ready: list[Worker] = []  # workers the router may choose
+        self.rr = 0
+        self.closed = False  # every request has arrived
+        self.busy_s = 0.0
+        self.batch_sizes = np.zeros(self._max_rows() + 1, dtype=np.int64)
+        self.actions: list[tuple[float, str, int, int, str]] = []
+        self.cache: OrderedDict[int, float] | None = OrderedDict() if scenario.response_cache else None
+        auto = scenario.autoscaler
+        self.ttft_window: deque | None = deque() if auto and auto.policy == "latency" else None
+        self.samples: dict[str, list] = {k: [] for k in (
+            "time_s", "queued", "running", "replicas", "ready_replicas", "kv_used_tokens", "kv_capacity_tokens")}
+
+    def _max_rows(self) -> int:
+        b = self.scenario.deployment.batching
+        return b.max_num_seqs if b.policy == "continuous" else b.max_batch_size
+
+    # --- replicas ---------------------------------------------------------------------------
+
+    def add_replica(self, cold_start_s: float) -> None:
+        replica = Replica(len(self.replicas), self.env.now)
+        self.replicas.append(replica)
+        for _ in range(self.scenario.deployment.workers_per_gpu):
+            worker = Worker(self, replica, len(self.workers))
+            replica.workers.append(worker)
+            self.workers.append(worker)
+        self.env.process(self._start(replica, cold_start_s))
+
+    def _start(self, replica: Replica, cold_start_s: float):
+        if cold_start_s > 0:
+            yield self.env.timeout(cold_start_s)
+        replica.ready = True
+        if not replica.draining:
+            self.ready.extend(replica.workers)
+        for worker in replica.workers:
+            if self.remaining == 0 or self.closed:
+                worker.scheduler.close()
+            self.env.process(self._serve(worker))
+
+    def _serve(self, worker: Worker):
+        yield from worker.run()
+        replica = worker.replica
+        if all(w.outstanding == 0 for w in replica.workers) and replica.stopped_at == math.inf:
+            replica.stopped_at = self.env.now
+
+    def drain_replica(self) -> None:
+        replica = next(r for r in reversed(self.replicas) if not r.draining and r.stopped_at == math.inf)
+        replica.draining = True
+        self.ready = [w for w in self.ready if w.replica is not replica]
+        for worker in replica.workers:
+            worker.scheduler.close()  # a static batcher must not wait for a batch that won't come
+            worker.wake()
+        if not replica.ready:  # still loading: give the GPU back at once
+            replica.stopped_at = self.env.now
+
+    def active_replicas(self) -> list[Replica]:
+        return [r for r in self.replicas if not r.draining and r.stopped_at == math.inf]
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def arrivals(self):
+        env, trace, cache = self.env, self.trace, self.cache
+        times = trace.arrived_at.tolist()
+        prompt, output = trace.prompt_tokens.tolist(), trace.output_tokens.tolist()
+        keys, prefix_id, prefix_tokens = (a.tolist() for a in (trace.prompt_key, trace.prefix_id, trace.prefix_tokens))
+        for i, t in enumerate(times):
+            if t > env.now:
+                yield env.timeout(t - env.now)
+            req = Request(i, t, prompt[i], output[i], keys[i], prefix_id[i], prefix_tokens[i])
+            if cache is not None and req.prompt_key >= 0 and cache.get(req.prompt_key, -1.0) > t:
+                cache.move_to_end(req.prompt_key)
+                req.cache_hit = True
+                req.scheduled_at = req.first_token_at = req.finished_at = t
+                req.generated = req.output_tokens
+                self.finish(req)
+                continue
+            self.route(req)
+        self.closed = True
+        for worker in self.workers:
+            worker.scheduler.close()
+            worker.wake()
+
+    def route(self, req: Request) -> None:
+        ready = self.ready
+        if not ready:  # every replica still loading: wait in the first one's queue
+            ready = self.active_replicas()[0].workers
+        router = self.scenario.deployment.router
+        if router == "round-robin":
+            worker = ready[self.rr % len(ready)]
+            self.rr += 1
+        elif router == "random":
+            worker = ready[self.rng.randrange(len(ready))]
+        else:
+            worker = min(ready, key=lambda w: w.outstanding)
+        worker.submit(req)
+
+    def finish(self, req: Request) -> None:
+        o, i = self.outcome, req.id
+        o.scheduled_at[i], o.first_token_at[i], o.finished_at[i] = req.scheduled_at, req.first_token_at, req.finished_at
+        o.preemptions[i], o.cache_hit[i] = req.preemptions, req.cache_hit
+        o.rejected[i] = REJECT_REASONS.index(req.rejected)
+        if req.worker >= 0:
+            o.worker[i] = req.worker
+            o.replica[i] = self.workers[req.worker].replica.index
+        cache, spec = self.cache, self.scenario.response_cache
+        if cache is not None and req.prompt_key >= 0 and not req.rejected and not req.cache_hit:
+            cache[req.prompt_key] = self.env.now + spec.ttl_s
+            cache.move_to_end(req.prompt_key)
+            if len(cache) > spec.capacity:
+                cache.popitem(last=False)
+        self.remaining -= 1
+        if self.progress is not None and self.remaining % self.progress_every == 0:
+            self.progress(len(self.trace) - self.remaining)
+        if self.remaining == 0:
+            self.all_done.succeed()
+
+    # --- control and observation ------------------------------------------------------------
+
+    def autoscaler(self):
+        spec, env = self.scenario.autoscaler, self.env
+        last_action = -math.inf
+        while True:
+            yield env.timeout(spec.interval_s)
+            active = self.active_replicas()
+            n = len(active)
+            if spec.policy == "queue-depth":
+                outstanding = sum(w.outstanding for r in active for w in r.workers)
+                desired = math.ceil(outstanding / spec.target_queue_per_replica)
+                reason = f"{outstanding} outstanding, target {spec.target_queue_per_replica:g}/replica"
+            else:
+                window = self.ttft_window
+                while window and window[0][0] < env.now - spec.window_s:
+                    window.popleft()
+                if not window:
+                    continue
+                p = float(np.percentile([t for _, t in window], spec.percentile))
+                desired = n + 1 if p > spec.target_ttft_s else n - 1 if p < spec.target_ttft_s * spec.scale_down_ratio else n
+                reason = f"p{spec.percentile:g} TTFT {p:.3f}s, target {spec.target_ttft_s:g}s"
+            desired = min(max(desired, spec.min_replicas), spec.max_replicas)
+            if desired == n or env.now - last_action < spec.cooldown_s:
+                continue
+            last_action = env.now
+            self.actions.append((env.now, "scale_up" if desired > n else "scale_down", n, desired, reason))
+            for _ in range(abs(desired - n)):
+                if desired > n:
+                    self.add_replica(self.profile.model_load_s)
+                else:
+                    self.drain_replica()
+
+    def monitor(self, interval: float):
+        env, s = self.env, self.samples
+        while True:
+            s["time_s"].append(env.now)
+            s["queued"].append(sum(w.scheduler.num_waiting for w in self.workers))
+            s["running"].append(sum(w.scheduler.num_running for w in self.workers))
+            s["replicas"].append(sum(1 for r in self.replicas if r.started_at <= env.now < r.stopped_at))
+            s["ready_replicas"].append(len(self.ready) // self.scenario.deployment.workers_per_gpu)
+            s["kv_used_tokens"].append(sum(w.scheduler.kv_used for w in self.workers))
+            s["kv_capacity_tokens"].append(self.kv_capacity * len(self.ready))
+            yield env.timeout(interval)
+
+    def run(self) -> Run:
+        env = self.env
+        for _ in range(self.scenario.deployment.replicas):
+            self.add_replica(0.0)
+        env.process(self.arrivals())
+        if self.scenario.autoscaler is not None:
+            env.process(self.autoscaler())
+        span = float(self.trace.arrived_at[-1]) if len(self.trace) else 0.0
+        interval = self.scenario.sample_interval_s or max(span / 1000, 0.01)
+        env.process(self.monitor(interval))
+        env.run(until=self.all_done)
+        end = env.now
+        gpu_seconds = sum(min(r.stopped_at, end) - r.started_at for r in self.replicas)
+        return Run(self.trace, self.outcome, self.samples, self.actions, self.batch_sizes,
+                   self.busy_s, gpu_seconds, self.kv_capacity, end)
+
+
+def simulate(scenario: Scenario, profile: Profile, trace: Trace, jump: bool = True,
+             progress: Callable[[int], None] | None = None) -> Run:
+    return Simulation(scenario, profile, trace, jump, progress).run()

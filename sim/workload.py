@@ -1,0 +1,213 @@
+"""Request streams: arrival processes, length distributions and trace files.
+
+Everything is generated up front as numpy arrays (one entry per request), so a million requests
+cost a few megabytes and the simulator creates Request objects only as they arrive.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sim.errors import InputError
+
+# Trace layouts we read: servesim's own (also Vidur's) and the Azure LLM inference trace's.
+TRACE_LAYOUTS = {
+    ("arrived_at", "num_prefill_tokens", "num_decode_tokens"): "seconds",
+    ("TIMESTAMP", "ContextTokens", "GeneratedTokens"): "timestamp",
+}
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One row per request, in arrival order."""
+
+    arrived_at: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    prompt_key: np.ndarray = field(default=None)  # -1: unique prompt
+    prefix_id: np.ndarray = field(default=None)  # -1: no shared prefix
+    prefix_tokens: np.ndarray = field(default=None)
+
+    def __post_init__(self):
+        n = len(self.arrived_at)
+        for name in ("prompt_key", "prefix_id"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.full(n, -1, dtype=np.int64))
+        if self.prefix_tokens is None:
+            object.__setattr__(self, "prefix_tokens", np.zeros(n, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.arrived_at)
+
+
+def read_trace(path: str | Path) -> Trace:
+    """Read a request trace CSV, naming the line and column of the first bad value."""
+    path = str(path)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise InputError(f"{path}: trace file not found") from None
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read trace: {str(e).splitlines()[0]}") from None
+    columns = next((cols for cols in TRACE_LAYOUTS if set(cols) <= set(frame.columns)), None)
+    if columns is None:
+        layouts = "; ".join(",".join(c) for c in TRACE_LAYOUTS)
+        raise InputError(f"{path}: unknown trace columns {list(frame.columns)} (expected: {layouts})")
+    if len(frame) == 0:
+        raise InputError(f"{path}: trace has no rows")
+    time_col, prompt_col, output_col = columns
+
+    def numbers(col: str, minimum: float) -> np.ndarray:
+        values = pd.to_numeric(frame[col].str.strip(), errors="coerce").to_numpy(float)
+        bad = ~np.isfinite(values) | (values < minimum)
+        if col != time_col:
+            bad |= values != np.round(values)
+        if bad.any():
+            i = int(np.argmax(bad))
+            kind = "a time in seconds >= 0" if col == time_col else f"a whole number >= {minimum:g}"
+            raise InputError(f"{path}: line {i + 2}: column {col}: expected {kind}, got {frame[col].iloc[i]!r}")
+        return values
+
+    if TRACE_LAYOUTS[columns] == "timestamp":
+        stamps = pd.to_datetime(frame[time_col].str.strip(), errors="coerce")
+        if stamps.isna().any():
+            i = int(np.argmax(stamps.isna().to_numpy()))
+            raise InputError(f"{path}: line {i + 2}: column {time_col}: not a timestamp: {frame[time_col].iloc[i]!r}")
+        arrived = (stamps - stamps.min()).dt.total_seconds().to_numpy(float)
+    else:
+        arrived = numbers(time_col, 0)
+    prompt = numbers(prompt_col, 1).astype(np.int64)
+    output = numbers(output_col, 1).astype(np.int64)
+    order = np.argsort(arrived, kind="stable")
+    return Trace(arrived[order], prompt[order], output[order])
+
+
+# --- arrival processes -------------------------------------------------------------------------
+# Each returns sorted arrival times: `n` of them, or all of them before `duration`.
+
+
+def _take(times: np.ndarray, n: int | None, duration: float | None) -> np.ndarray:
+    if n is not None:
+        times = times[:n]
+    if duration is not None:
+        times = times[times < duration]
+    return times
+
+
+def _from_gaps(draw, n: int | None, duration: float | None) -> np.ndarray:
+    """Arrivals from i.i.d. gaps: `draw(k)` returns k gaps."""
+    if n is not None:
+        return _take(np.cumsum(draw(n)), n, duration)
+    chunks, t = [], 0.0
+    while t < duration:
+        times = t + np.cumsum(draw(4096))
+        chunks.append(times)
+        t = times[-1]
+    return _take(np.concatenate(chunks), None, duration)
+
+
+def _thinned(rng, rate_at, peak: float, n: int | None, duration: float | None) -> np.ndarray:
+    """A non-homogeneous Poisson process by thinning a homogeneous one at the peak rate."""
+    chunks, count, t = [], 0, 0.0
+    while (n is None or count < n) and (duration is None or t < duration):
+        candidates = t + np.cumsum(rng.exponential(1.0 / peak, 4096))
+        t = candidates[-1]
+        kept = candidates[rng.random(4096) * peak < rate_at(candidates)]
+        chunks.append(kept)
+        count += len(kept)
+    return _take(np.concatenate(chunks), n, duration)
+
+
+def _mmpp(rng, rates, durations, n, duration) -> np.ndarray:
+    """Markov-modulated Poisson: cycle through states, each lasting an exponential time."""
+    chunks, count, t, state = [], 0, 0.0, 0
+    while (n is None or count < n) and (duration is None or t < duration):
+        length = rng.exponential(durations[state])
+        rate = rates[state]
+        if rate > 0:
+            k = rng.poisson(rate * length)
+            chunks.append(t + np.sort(rng.random(k)) * length)
+            count += k
+        t += length
+        state = (state + 1) % len(rates)
+    return _take(np.concatenate(chunks) if chunks else np.empty(0), n, duration)
+
+
+def _piecewise(rates, durations):
+    """Rate function of a step schedule; the last rate holds afterwards."""
+    edges = np.cumsum(durations)
+    rates = np.asarray(rates, float)
+    return lambda t: rates[np.minimum(np.searchsorted(edges, t, side="right"), len(rates) - 1)]
+
+
+def arrival_times(spec, rng, n: int | None, duration: float | None) -> np.ndarray:
+    p, kind = spec.params, spec.kind
+    if kind == "poisson":
+        return _from_gaps(lambda k: rng.exponential(1.0 / p["rate"], k), n, duration)
+    if kind == "gamma":
+        shape = 1.0 / p["cv"] ** 2
+        return _from_gaps(lambda k: rng.gamma(shape, 1.0 / (p["rate"] * shape), k), n, duration)
+    if kind == "bursty":
+        return _mmpp(rng, p["rates"], p["mean_durations_s"], n, duration)
+    if kind == "diurnal":
+        mean, amp, period, phase = p["mean_rate"], p["amplitude"], p["period_s"], p["phase_s"]
+        rate = lambda t: mean * (1 + amp * np.sin(2 * math.pi * (t + phase) / period))  # noqa: E731
+        return _thinned(rng, rate, mean * (1 + amp), n, duration)
+    if kind == "step":
+        return _thinned(rng, _piecewise(p["rates"], p["durations_s"]), max(p["rates"]), n, duration)
+    if kind == "ramp":
+        r0, r1, span = p["start_rate"], p["end_rate"], p["duration_s"]
+        rate = lambda t: r0 + (r1 - r0) * np.minimum(t / span, 1.0)  # noqa: E731
+        return _thinned(rng, rate, max(r0, r1), n, duration)
+    raise AssertionError(kind)
+
+
+def lengths(spec, rng, n: int) -> np.ndarray:
+    if spec.kind == "fixed":
+        return np.full(n, spec.value, dtype=np.int64)
+    if spec.kind == "uniform":
+        return rng.integers(spec.low, spec.high + 1, n)
+    if spec.kind == "lognormal":
+        values = np.round(rng.lognormal(math.log(spec.median), spec.sigma, n))
+        return np.clip(values, spec.min, spec.max).astype(np.int64)
+    if spec.kind == "empirical":
+        return rng.choice(spec.samples, n)
+    raise AssertionError(spec.kind)
+
+
+def generate(workload, seed: int) -> Trace:
+    """The request stream of a scenario's workload. Same seed, same stream."""
+    rng_arrivals, rng_prompt, rng_output, rng_keys = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4)
+    )
+    arrivals = workload.arrivals
+    if arrivals.kind == "trace":
+        trace = arrivals.trace
+        times = trace.arrived_at / arrivals.params["time_scale"]
+        keep = _take(np.arange(len(times)), workload.num_requests, None)
+        if workload.duration_s is not None:
+            keep = keep[times[keep] < workload.duration_s]
+        times, prompt, output = times[keep], trace.prompt_tokens[keep], trace.output_tokens[keep]
+    else:
+        times = arrival_times(arrivals, rng_arrivals, workload.num_requests, workload.duration_s)
+        prompt = lengths(workload.prompt_tokens, rng_prompt, len(times))
+        output = lengths(workload.output_tokens, rng_output, len(times))
+    n = len(times)
+    if n == 0:
+        raise InputError(f"{workload.where}: generates no request (raise the rate, duration or count)")
+    prompt_key = prefix_id = prefix_tokens = None
+    if workload.prompt_keys is not None:
+        distinct, s = workload.prompt_keys
+        weights = 1.0 / np.arange(1, distinct + 1) ** s  # Zipf popularity over distinct prompts
+        prompt_key = rng_keys.choice(distinct, n, p=weights / weights.sum())
+    if workload.shared_prefix is not None:
+        groups, tokens, fraction = workload.shared_prefix
+        has = rng_keys.random(n) < fraction
+        prefix_id = np.where(has, rng_keys.integers(0, groups, n), -1)
+        prefix_tokens = np.where(has, np.minimum(tokens, prompt - 1), 0)
+    return Trace(times, prompt.astype(np.int64), output.astype(np.int64), prompt_key, prefix_id, prefix_tokens)

@@ -1,0 +1,65 @@
+"""Shared fixtures. Synthetic profiles here are test doubles with made-up, exactly known costs:
+they let queueing-theory formulas serve as oracles. Shipped profiles are always measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from calibration.profile import SCHEMA_VERSION
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def synthetic_profile(prefill=lambda b, p: 0.01, decode=lambda b, c: 0.001, memory_bytes=10**12,
+                      weights_bytes=10**6, kv_bytes_per_token=1000, model_load_s=5.0, concurrency=None) -> dict:
+    """A valid profile whose grid holds prefill(b, p) and decode(b, c) seconds."""
+    batches, lengths, contexts = [1, 2, 4, 8, 16, 32, 64], [16, 64, 256, 1024, 4096], [16, 64, 256, 1024, 4096]
+    mode = {
+        "dtype": "fp16", "kv_cache": True, "compiled": False,
+        "weights_bytes": weights_bytes, "kv_bytes_per_token": kv_bytes_per_token,
+        "prefill": {"batch": batches, "length": lengths, "median_s": [[prefill(b, p) for p in lengths] for b in batches]},
+        "decode": {"batch": batches, "context": contexts, "median_s": [[decode(b, c) for c in contexts] for b in batches]},
+    }
+    if concurrency:
+        mode["concurrency"] = {"workers": list(concurrency), "step_s": list(concurrency.values())}
+    return {"schema_version": SCHEMA_VERSION, "name": "synthetic", "model_load_s": model_load_s,
+            "device": {"type": "cuda", "name": "synthetic test device", "memory_bytes": memory_bytes},
+            "model": {"name": "synthetic"}, "modes": {"fp16": mode}}
+
+
+@pytest.fixture
+def write_profile(tmp_path):
+    def write(**kwargs) -> Path:
+        path = tmp_path / "synthetic.json"
+        path.write_text(json.dumps(synthetic_profile(**kwargs)))
+        return path
+    return write
+
+
+@pytest.fixture
+def write_scenario(tmp_path):
+    """Write a scenario dict as YAML; returns its path."""
+    def write(data: dict, name: str = "scenario.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+    return write
+
+
+def base_scenario(profile: Path, **deployment) -> dict:
+    return {
+        "name": "test",
+        "seed": 1,
+        "workload": {
+            "num_requests": 500,
+            "arrivals": {"kind": "poisson", "rate": 5.0},
+            "prompt_tokens": {"kind": "uniform", "low": 16, "high": 512},
+            "output_tokens": {"kind": "uniform", "low": 1, "high": 64},
+        },
+        "deployment": {"profile": str(profile), "mode": "fp16", "replicas": 1,
+                       "batching": {"policy": "continuous"}, **deployment},
+    }

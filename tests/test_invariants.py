@@ -1,0 +1,111 @@
+"""Invariants that every simulation must satisfy, on hand-picked and on generated scenarios."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import base_scenario
+from helpers import run_scenario
+
+
+def check_invariants(run, frame: pd.DataFrame, summary: dict, scenario: dict) -> None:
+    served = frame["finished_at"].notna()
+    rejected = frame["rejected"] != ""
+    # Each request either finishes once or is rejected with a reason - never both, never neither.
+    assert (served ^ rejected).all()
+    assert frame["request_id"].is_unique
+    s = frame[served]
+    eps = 1e-9
+    assert (s["scheduled_at"] >= s["arrived_at"] - eps).all()
+    assert (s["first_token_at"] >= s["scheduled_at"] - eps).all()
+    assert (s["finished_at"] >= s["first_token_at"] - eps).all()
+    batching = scenario["deployment"]["batching"]
+    limit = batching.get("max_num_seqs", 256) if batching["policy"] == "continuous" else batching.get("max_batch_size", 8)
+    assert len(run.batch_sizes) <= limit + 1 and run.batch_sizes[0] == 0
+    kv_used = np.array(run.samples["kv_used_tokens"], float)
+    kv_cap = np.array(run.samples["kv_capacity_tokens"], float)
+    assert (kv_used <= kv_cap + 1e-9).all()
+    assert summary["served"] + sum(summary["rejected"].values()) == len(frame)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    policy=st.sampled_from(["static", "dynamic", "continuous"]),
+    chunked=st.booleans(),
+    replicas=st.integers(1, 3),
+    rate=st.floats(0.5, 200.0),
+    kv_tokens=st.integers(600, 20_000),
+    max_seqs=st.integers(1, 32),
+    budget=st.integers(64, 4096),
+    router=st.sampled_from(["round-robin", "least-outstanding", "random"]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_scenarios_keep_invariants_and_jumps_change_nothing(
+        write_profile, write_scenario, policy, chunked, replicas, rate, kv_tokens, max_seqs, budget, router, seed):
+    profile = write_profile(prefill=lambda b, p: 0.003 + 2e-6 * b * p, decode=lambda b, c: 0.002 + 1e-4 * b + 1e-8 * b * c)
+    batching = {"policy": policy}
+    if policy == "continuous":
+        batching |= {"max_num_seqs": max_seqs, "max_batched_tokens": budget, "chunked_prefill": chunked}
+    else:
+        batching |= {"max_batch_size": max_seqs}
+        if policy == "dynamic":
+            batching["max_wait_ms"] = 20
+    s = base_scenario(profile, replicas=replicas, router=router, kv_cache_tokens=kv_tokens, batching=batching)
+    s["seed"] = seed
+    s["workload"]["num_requests"] = 150
+    s["workload"]["arrivals"] = {"kind": "poisson", "rate": rate}
+    path = write_scenario(s)
+    run, frame, summary = run_scenario(path)
+    check_invariants(run, frame, summary, s)
+    # Advancing whole runs of decode steps as one event must give exactly the step-by-step answer.
+    _, stepwise, _ = run_scenario(path, jump=False)
+    cols = ["scheduled_at", "first_token_at", "finished_at", "preemptions", "worker", "rejected"]
+    pd.testing.assert_frame_equal(frame[cols], stepwise[cols], check_exact=False, rtol=1e-9, atol=1e-9)
+
+
+def test_tight_kv_cache_preempts_and_still_finishes_everyone(write_profile, write_scenario):
+    profile = write_profile(decode=lambda b, c: 0.001 + 1e-4 * b)
+    s = base_scenario(profile, kv_cache_tokens=1200, batching={"policy": "continuous", "max_num_seqs": 64})
+    s["workload"] |= {"arrivals": {"kind": "poisson", "rate": 50.0},
+                      "prompt_tokens": {"kind": "uniform", "low": 100, "high": 400},
+                      "output_tokens": {"kind": "uniform", "low": 100, "high": 300}}
+    run, frame, summary = run_scenario(write_scenario(s))
+    check_invariants(run, frame, summary, s)
+    assert summary["preemptions"] > 0
+    assert summary["served"] == len(frame)
+
+
+def test_request_larger_than_the_kv_cache_is_rejected_with_a_reason(write_profile, write_scenario):
+    profile = write_profile()
+    s = base_scenario(profile, kv_cache_tokens=300)
+    s["workload"]["prompt_tokens"] = {"kind": "uniform", "low": 16, "high": 600}
+    run, frame, summary = run_scenario(write_scenario(s))
+    check_invariants(run, frame, summary, s)
+    too_big = frame["prompt_tokens"] + frame["output_tokens"] - 1 > 300
+    assert too_big.any()
+    assert (frame.loc[too_big, "rejected"] == "kv_cache_too_small").all()
+    assert (frame.loc[~too_big, "rejected"] == "").all()
+
+
+def test_static_batching_waits_for_full_batches(write_profile, write_scenario):
+    profile = write_profile()
+    s = base_scenario(profile, batching={"policy": "static", "max_batch_size": 4})
+    s["workload"]["num_requests"] = 10  # two full batches, then a partial one at the end
+    run, frame, _ = run_scenario(write_scenario(s))
+    starts = frame.groupby("scheduled_at").size().tolist()
+    assert starts == [4, 4, 2]
+    # A batch starts no earlier than its last member's arrival.
+    for t, group in frame.groupby("scheduled_at"):
+        assert group["arrived_at"].max() <= t
+
+
+def test_dynamic_batching_flushes_after_max_wait(write_profile, write_scenario):
+    profile = write_profile(prefill=lambda b, p: 0.001, decode=lambda b, c: 0.0001)
+    s = base_scenario(profile, batching={"policy": "dynamic", "max_batch_size": 64, "max_wait_ms": 200})
+    s["workload"] |= {"num_requests": 200, "arrivals": {"kind": "poisson", "rate": 2.0}}
+    _, frame, _ = run_scenario(write_scenario(s))
+    # At 2 req/s a batch of 64 never fills: each batch starts 200 ms after its oldest arrived.
+    first_of_batch = frame.groupby("scheduled_at")["arrived_at"].min()
+    assert np.allclose(first_of_batch.index - first_of_batch.to_numpy(), 0.2)

@@ -1,0 +1,56 @@
+"""Configurations that reduce to textbook queues must match the closed-form answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import base_scenario
+from helpers import run_scenario
+
+
+def one_at_a_time(profile, rate, n, output_tokens):
+    s = base_scenario(profile, batching={"policy": "dynamic", "max_batch_size": 1, "max_wait_ms": 0})
+    s["workload"] = {"num_requests": n, "arrivals": {"kind": "poisson", "rate": rate},
+                     "prompt_tokens": {"kind": "fixed", "value": 64}, "output_tokens": output_tokens}
+    return s
+
+
+def test_md1_mean_wait_matches_pollaczek_khinchine(write_profile, write_scenario):
+    # Batch size 1, one output token: every request is one prefill pass of S seconds -> M/D/1.
+    service, rate = 0.1, 5.0  # utilisation 0.5
+    profile = write_profile(prefill=lambda b, p: service)
+    _, frame, _ = run_scenario(write_scenario(one_at_a_time(profile, rate, 40_000, {"kind": "fixed", "value": 1})))
+    rho = rate * service
+    expected_wait = rate * service**2 / (2 * (1 - rho))  # P-K with E[S^2] = S^2
+    assert frame["queue_s"].mean() == pytest.approx(expected_wait, rel=0.05)
+    assert frame["e2e_s"].mean() == pytest.approx(expected_wait + service, rel=0.03)
+
+
+def test_mg1_mean_wait_with_variable_output_lengths(write_profile, write_scenario):
+    # Service = prefill + (D - 1) decode steps with D uniform on 1..40: M/G/1, still closed form.
+    prefill, step, rate = 0.02, 0.004, 6.0
+    profile = write_profile(prefill=lambda b, p: prefill, decode=lambda b, c: step)
+    scenario = one_at_a_time(profile, rate, 40_000, {"kind": "uniform", "low": 1, "high": 40})
+    _, frame, _ = run_scenario(write_scenario(scenario))
+    d = np.arange(1, 41)
+    s = prefill + (d - 1) * step
+    es, es2 = s.mean(), (s**2).mean()
+    expected_wait = rate * es2 / (2 * (1 - rate * es))
+    assert frame["queue_s"].mean() == pytest.approx(expected_wait, rel=0.06)
+
+
+def test_littles_law_holds_for_continuous_batching(write_profile, write_scenario):
+    profile = write_profile(prefill=lambda b, p: 0.002 + 1e-5 * b * p, decode=lambda b, c: 0.005 + 1e-4 * b)
+    s = base_scenario(profile)
+    s["workload"]["num_requests"] = 6000
+    s["workload"]["arrivals"] = {"kind": "poisson", "rate": 20.0}
+    s["output"] = {"sample_interval_s": 0.05}
+    run, frame, summary = run_scenario(write_scenario(s))
+    # L = lambda * W: time-average number in the system vs arrival rate times mean time in it.
+    samples = run.samples
+    in_system = np.array(samples["queued"]) + np.array(samples["running"])
+    t = np.array(samples["time_s"])
+    horizon = t < frame["arrived_at"].max()
+    lam = len(frame) / frame["arrived_at"].max()
+    assert in_system[horizon].mean() == pytest.approx(lam * frame["e2e_s"].mean(), rel=0.05)
