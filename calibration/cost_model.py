@@ -14,77 +14,128 @@ part less the fixed per-pass overhead, which it pays once.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from scipy.optimize import nnls
 
 from calibration.profile import Grid, Mode
 
-Features = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
-
-def linear_features(b: np.ndarray, x: np.ndarray) -> np.ndarray:
+def features(b, x, quadratic: bool) -> np.ndarray:
+    """Regression features [1, b, b*x, b*x^2] (the last is zero for the linear shape)."""
     b, x = np.broadcast_arrays(np.asarray(b, float), np.asarray(x, float))
-    return np.stack([np.ones_like(b), b, b * x], axis=-1)
-
-
-def quadratic_features(b: np.ndarray, x: np.ndarray) -> np.ndarray:
-    b, x = np.broadcast_arrays(np.asarray(b, float), np.asarray(x, float))
-    return np.stack([np.ones_like(b), b, b * x, b * x * x], axis=-1)
+    return np.stack([np.ones_like(b), b, b * x, b * x * x if quadratic else np.zeros_like(b)], axis=-1)
 
 
 class Surface:
-    """Seconds of one kind of pass over (batch, x): interpolated inside the grid, shaped outside."""
+    """Seconds of one kind of pass over (batch, x): interpolated inside the grid, shaped outside.
 
-    def __init__(self, grid: Grid, features: Features):
-        self.batch, self.x = grid.batch, grid.x
-        self.features = features
+    The simulator calls this once per forward pass, so the scalar path is plain Python.
+    """
+
+    def __init__(self, grid: Grid, quadratic: bool):
+        self.batch, self.x, self.quadratic = grid.batch, grid.x, quadratic
         bb, xx = np.meshgrid(grid.batch, grid.x, indexing="ij")
         measured = ~np.isnan(grid.seconds)
         t = grid.seconds[measured]
-        a = features(bb[measured], xx[measured]) / t[:, None]  # rows scaled: relative error
+        a = features(bb[measured], xx[measured], quadratic) / t[:, None]  # rows scaled: relative error
         scale = a.max(axis=0)
         scale[scale == 0] = 1.0
         coef, _ = nnls(a / scale, np.ones(len(t)))
-        self.coef = coef / scale
-        if not (self.coef > 0).any():
-            self.coef = np.array([float(np.median(t))] + [0.0] * (len(scale) - 1))
+        coef = coef / scale
+        if not (coef > 0).any():
+            coef = np.array([float(np.median(t)), 0.0, 0.0, 0.0])
+        self.coef = coef
+        self.c0, self.c1, self.c2, self.c3 = (float(c) for c in coef)
         # Points that could not be measured (out of memory) take the regression's value.
         self.table = np.where(measured, grid.seconds, self.regression(bb, xx))
-        self._rows: dict[int, np.ndarray] = {}
+        self.knots = [float(v) for v in grid.x]
+        self._rows: dict[int, list[float]] = {}
+        self._pieces: dict[int, list[tuple[float, float, float, float, float]]] = {}
 
     @property
     def overhead(self) -> float:
         """The fixed cost of a pass (the regression's constant)."""
-        return float(self.coef[0])
+        return self.c0
 
-    def regression(self, b, x) -> np.ndarray:
-        return np.maximum(self.features(b, x) @ self.coef, 1e-12)
+    def regression(self, b, x):
+        """The fitted shape; works on numbers and on arrays."""
+        return np.maximum(self.c0 + b * (self.c1 + x * (self.c2 + self.c3 * x)), 1e-12)
 
-    def row(self, b: int) -> np.ndarray:
+    def _reg(self, b: float, x: float) -> float:
+        return max(self.c0 + b * (self.c1 + x * (self.c2 + self.c3 * x)), 1e-12)
+
+    def row(self, b: int) -> list[float]:
         """Seconds at each x knot for batch size b."""
         row = self._rows.get(b)
         if row is None:
             bs = self.batch
             if bs[0] <= b <= bs[-1]:
-                row = np.array([np.interp(b, bs, col) for col in self.table.T])
+                values = [np.interp(b, bs, col) for col in self.table.T]
             else:
                 edge = 0 if b < bs[0] else -1
-                row = self.table[edge] * self.regression(b, self.x) / self.regression(bs[edge], self.x)
-            self._rows[b] = row
+                values = self.table[edge] * self.regression(b, self.x) / self.regression(bs[edge], self.x)
+            row = self._rows[b] = [float(v) for v in values]
         return row
 
-    def __call__(self, b: int, x):
-        """Seconds for batch b at x (a number or an array of them)."""
-        row, knots = self.row(b), self.x
+    def at(self, b: int, x: float) -> float:
+        """Seconds for batch b at x."""
+        row, knots = self.row(b), self.knots
+        if x >= knots[-1]:
+            return row[-1] * self._reg(b, x) / self._reg(b, knots[-1])
+        if x <= knots[0]:
+            return row[0] * self._reg(b, x) / self._reg(b, knots[0])
+        i = bisect_right(knots, x)
+        x0, x1 = knots[i - 1], knots[i]
+        return row[i - 1] + (row[i] - row[i - 1]) * (x - x0) / (x1 - x0)
+
+    def pieces(self, b: int) -> list[tuple[float, float, float, float, float]]:
+        """The surface at batch b as polynomials a + c*x + d*x^2 over [lo, hi), covering all x."""
+        cached = self._pieces.get(b)
+        if cached is not None:
+            return cached
+        row, knots = self.row(b), self.knots
+
+        def scaled_regression(lo, hi, edge):  # value at the edge knot, carried by the shape
+            k = row[edge] / self._reg(b, knots[edge])
+            return (lo, hi, k * (self.c0 + b * self.c1), k * b * self.c2, k * b * self.c3)
+
+        out = [scaled_regression(-math.inf, knots[0], 0)]
+        for i in range(len(knots) - 1):
+            slope = (row[i + 1] - row[i]) / (knots[i + 1] - knots[i])
+            out.append((knots[i], knots[i + 1], row[i] - slope * knots[i], slope, 0.0))
+        out.append(scaled_regression(knots[-1], math.inf, -1))
+        self._pieces[b] = out
+        return out
+
+    def run_sum(self, b: int, start: float, n: int) -> float:
+        """Sum of the surface at x = start, start + 1, ..., start + n - 1, in closed form."""
+        total = 0.0
+        for lo, hi, a, c, d in self.pieces(b):
+            j0 = 0 if lo == -math.inf else min(max(math.ceil(lo - start), 0), n)
+            j1 = n if hi == math.inf else min(max(math.ceil(hi - start), 0), n)
+            if j1 <= j0:
+                continue
+            count = j1 - j0
+            sum_j = (j1 * (j1 - 1) - j0 * (j0 - 1)) / 2
+            sum_j2 = ((j1 - 1) * j1 * (2 * j1 - 1) - (j0 - 1) * j0 * (2 * j0 - 1)) / 6
+            sum_x = count * start + sum_j
+            sum_x2 = count * start * start + 2 * start * sum_j + sum_j2
+            total += a * count + c * sum_x + d * sum_x2
+        return max(total, 1e-12 * n)
+
+    def many(self, b: int, x: np.ndarray) -> np.ndarray:
+        """Seconds for batch b at each x of an array."""
+        row, knots = np.array(self.row(b)), self.x
         value = np.interp(x, knots, row)
-        if np.any(x > knots[-1]) or np.any(x < knots[0]):
-            x_arr = np.asarray(x, float)
-            above = row[-1] * self.regression(b, x_arr) / self.regression(b, knots[-1])
-            below = row[0] * self.regression(b, x_arr) / self.regression(b, knots[0])
-            value = np.where(x_arr > knots[-1], above, np.where(x_arr < knots[0], below, value))
+        above, below = x > knots[-1], x < knots[0]
+        if above.any():
+            value[above] = row[-1] * self.regression(b, x[above]) / self._reg(b, knots[-1])
+        if below.any():
+            value[below] = row[0] * self.regression(b, x[below]) / self._reg(b, knots[0])
         return value
 
 
@@ -102,8 +153,8 @@ class CostModel:
 
     def __init__(self, mode: Mode):
         self.mode = mode
-        self.prefill = Surface(mode.prefill, quadratic_features)
-        self.decode = Surface(mode.decode, linear_features if mode.kv_cache else quadratic_features)
+        self.prefill = Surface(mode.prefill, quadratic=True)
+        self.decode = Surface(mode.decode, quadratic=not mode.kv_cache)
         conc = mode.concurrency
         self._workers = np.array(sorted(conc), float)
         self._slowdown = np.array([conc[int(w)] for w in self._workers]) / conc[1] if 1 in conc else None
@@ -118,14 +169,18 @@ class CostModel:
         return float(np.interp(workers, ws, sd))
 
     def prefill_time(self, seqs: int, length: float) -> float:
-        return float(self.prefill(seqs, length))
+        return self.prefill.at(seqs, length)
 
     def decode_time(self, seqs: int, context_sum: float) -> float:
-        return float(self.decode(seqs, context_sum / seqs))
+        return self.decode.at(seqs, context_sum / seqs)
 
-    def decode_run(self, seqs: int, context_sum: float, repeat: int) -> np.ndarray:
-        """Seconds of each of `repeat` consecutive decode steps; every step adds one token per row."""
-        return np.asarray(self.decode(seqs, context_sum / seqs + np.arange(repeat)), float)
+    def decode_run(self, seqs: int, context_sum: float, repeat: int) -> float:
+        """Seconds of `repeat` consecutive decode steps, each adding one token per row."""
+        return self.decode.run_sum(seqs, context_sum / seqs, repeat)
+
+    def decode_run_ends(self, seqs: int, context_sum: float, repeat: int) -> list[float]:
+        """End time of each step of such a run, from its start (needed only when a run is cut short)."""
+        return np.cumsum(self.decode.many(seqs, context_sum / seqs + np.arange(repeat))).tolist()
 
     def step_time(self, step) -> float:
         """Seconds of one scheduler Step (see sim.scheduler)."""
@@ -137,7 +192,7 @@ class CostModel:
         return t
 
 
-def held_out_error(grid: Grid, features: Features) -> HeldOut:
+def held_out_error(grid: Grid, quadratic: bool) -> HeldOut:
     """Leave each batch row and each x column out in turn; predict its points from the rest.
 
     Interior lines test interpolation, edge lines test the regression's extrapolation.
@@ -154,12 +209,12 @@ def held_out_error(grid: Grid, features: Features) -> HeldOut:
                 grid.x[keep] if axis == 1 else grid.x,
                 grid.seconds[keep] if axis == 0 else grid.seconds[:, keep],
             )
-            surface = Surface(reduced, features)
+            surface = Surface(reduced, quadratic)
             for i in range(nb) if axis == 1 else [k]:
                 for j in [k] if axis == 1 else range(nx):
                     truth = grid.seconds[i, j]
                     if not np.isnan(truth):
-                        guess = float(surface(int(grid.batch[i]), grid.x[j]))
+                        guess = surface.at(int(grid.batch[i]), float(grid.x[j]))
                         errors.append(abs(guess - truth) / truth)
     if not errors:
         return HeldOut(float("nan"), float("nan"), 0)
@@ -167,8 +222,7 @@ def held_out_error(grid: Grid, features: Features) -> HeldOut:
 
 
 def held_out_errors(mode: Mode) -> dict[str, HeldOut]:
-    decode_features = linear_features if mode.kv_cache else quadratic_features
     return {
-        "prefill": held_out_error(mode.prefill, quadratic_features),
-        "decode": held_out_error(mode.decode, decode_features),
+        "prefill": held_out_error(mode.prefill, quadratic=True),
+        "decode": held_out_error(mode.decode, quadratic=not mode.kv_cache),
     }

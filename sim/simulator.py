@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from bisect import bisect_right
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -97,7 +98,8 @@ class Worker:
     def __init__(self, sim: Simulation, replica: Replica, index: int):
         self.sim, self.replica, self.index = sim, replica, index
         self.scheduler = make_scheduler(sim.scenario, sim.kv_capacity)
-        self.wakeup: simpy.Event | None = None
+        self.process: simpy.Process | None = None
+        self.wakeable = False  # idle, or in a run of decode steps that an arrival would change
         self.outstanding = 0
 
     def submit(self, req: Request) -> None:
@@ -109,13 +111,9 @@ class Worker:
         self.wake()
 
     def wake(self) -> None:
-        if self.wakeup is not None and not self.wakeup.triggered:
-            self.wakeup.succeed()
-
-    def _wait(self, timeout: float):
-        self.wakeup = self.sim.env.event()
-        events = self.wakeup if timeout == math.inf else self.wakeup | self.sim.env.timeout(timeout)
-        return events
+        if self.wakeable:
+            self.wakeable = False
+            self.process.interrupt()
 
     def run(self):
         env, sim, sched = self.sim.env, self.sim, self.scheduler
@@ -125,26 +123,30 @@ class Worker:
             if step is None:
                 if self.replica.draining and self.outstanding == 0:
                     return
-                yield self._wait(sched.wake_at - env.now)
-                self.wakeup = None
+                self.wakeable = True
+                try:  # sleep until an arrival interrupts, or a dynamic batcher's deadline
+                    yield env.timeout(sched.wake_at - env.now) if sched.wake_at < math.inf else env.event()
+                except simpy.Interrupt:
+                    pass
+                self.wakeable = False
                 continue
             start = env.now
             if step.prefill_seqs or step.max_repeat == 1 or not sim.jump:
                 repeat, elapsed = 1, cost.step_time(step) * slowdown
                 yield env.timeout(elapsed)
             else:
-                ends = np.cumsum(cost.decode_run(step.decode_seqs, step.decode_context, step.max_repeat)) * slowdown
-                repeat, elapsed = step.max_repeat, float(ends[-1])
-                if step.interruptible:
-                    yield self._wait(elapsed)
-                    self.wakeup = None
-                    if env.now - start < elapsed:
-                        # Something arrived mid-run: finish the step in progress, then reschedule.
-                        repeat = int(np.searchsorted(ends, env.now - start, side="right")) + 1
-                        elapsed = float(ends[repeat - 1])
-                        yield env.timeout(start + elapsed - env.now)
-                else:
+                repeat = step.max_repeat
+                elapsed = cost.decode_run(step.decode_seqs, step.decode_context, repeat) * slowdown
+                self.wakeable = step.interruptible
+                try:
                     yield env.timeout(elapsed)
+                except simpy.Interrupt:
+                    # Something arrived mid-run: finish the step in progress, then reschedule.
+                    ends = cost.decode_run_ends(step.decode_seqs, step.decode_context, repeat)
+                    repeat = min(bisect_right(ends, (env.now - start) / slowdown) + 1, repeat)
+                    elapsed = ends[repeat - 1] * slowdown
+                    yield env.timeout(max(start + elapsed - env.now, 0.0))
+                self.wakeable = False
             sim.busy_s += elapsed
             sim.batch_sizes[step.prefill_seqs + step.decode_seqs] += repeat
             for r in sched.postprocess(step, env.now, repeat):
@@ -223,7 +225,7 @@ class Simulation:
         for worker in replica.workers:
             if self.remaining == 0 or self.closed:
                 worker.scheduler.close()
-            self.env.process(self._serve(worker))
+            worker.process = self.env.process(self._serve(worker))
 
     def _serve(self, worker: Worker):
         yield from worker.run()

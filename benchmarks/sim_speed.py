@@ -1,0 +1,69 @@
+"""Simulator speed: simulated requests per second of wall time, and peak memory.
+
+The issue's target: 1,000,000 requests with Azure-conversation lengths, continuous batching,
+8 replicas, in under 60 s and 2 GB on one core. Usage:
+
+    python benchmarks/sim_speed.py [--requests 1000000] [--rate 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCENARIO = """
+name: speed
+seed: 1
+workload:
+  num_requests: {n}
+  arrivals: {{kind: poisson, rate: {rate}}}
+  prompt_tokens: {{kind: empirical, trace: {trace}}}
+  output_tokens: {{kind: empirical, trace: {trace}}}
+deployment:
+  profile: {profile}
+  mode: fp32
+  replicas: 8
+  batching: {{policy: continuous, max_num_seqs: 64, max_batched_tokens: 16384, chunked_prefill: true}}
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=1_000_000)
+    p.add_argument("--rate", type=float, default=6.0, help="arrivals per second (8 CPU-tiny replicas: ~70%% busy at 6)")
+    p.add_argument("--profile", default="cpu-gpt2-tiny")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from calibration.profile import load as load_profile
+    from sim import results, scenario as scenario_mod, workload
+    from sim.simulator import simulate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "speed.yaml"
+        path.write_text(SCENARIO.format(n=args.requests, rate=args.rate, profile=args.profile,
+                                        trace=ROOT / "scenarios/traces/azure-conv-2023.csv"))
+        t0 = time.perf_counter()
+        scenario = scenario_mod.load(path)
+        trace = workload.generate(scenario.workload, scenario.seed)
+        t1 = time.perf_counter()
+        run = simulate(scenario, load_profile(scenario.deployment.profile), trace)  # timed
+        t2 = time.perf_counter()
+        frame = results.requests_frame(run)
+        summary = results.summarise(run, scenario, frame)
+        t3 = time.perf_counter()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    n = len(trace)
+    print(f"{n:,} requests: workload {t1 - t0:.1f} s, simulation {t2 - t1:.1f} s, summary {t3 - t2:.1f} s")
+    print(f"total {t3 - t0:.1f} s wall = {n / (t3 - t0):,.0f} simulated requests/s; peak memory {peak_mb:,.0f} MB")
+    print(f"(simulated {summary['simulated_s'] / 3600:.1f} h of traffic, mean batch {summary['mean_batch_size']:.1f}, "
+          f"GPU utilisation {summary['gpu_utilization']:.0%}, p95 TTFT {summary['ttft_s']['p95']:.3f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The cost model: exact on the measured grid, linear between points, shaped outside."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibration.cost_model import CostModel, held_out_error
+from calibration.profile import Grid, load, parse
+from conftest import ROOT, synthetic_profile
+
+
+def shipped_modes():
+    return list(load(ROOT / "calibration/profiles/cpu-gpt2-tiny.json").modes.values())
+
+
+@pytest.mark.parametrize("mode", shipped_modes(), ids=lambda m: m.name)
+def test_exact_at_measured_points_and_linear_between(mode):
+    cm = CostModel(mode)
+    g = mode.decode
+    for i, b in enumerate(g.batch):
+        for j, x in enumerate(g.x):
+            assert cm.decode.at(int(b), float(x)) == pytest.approx(g.seconds[i, j], rel=1e-12)
+    mid = (g.x[0] + g.x[1]) / 2
+    assert cm.decode.at(int(g.batch[0]), mid) == pytest.approx((g.seconds[0, 0] + g.seconds[0, 1]) / 2)
+
+
+@pytest.mark.parametrize("mode", shipped_modes(), ids=lambda m: m.name)
+def test_closed_form_run_equals_step_by_step_sum(mode):
+    cm = CostModel(mode)
+    for b in (1, 3, 40, 200):  # inside and beyond the measured batches
+        for start in (5.0, 100.5, 1000.0, 4090.0, 20000.0):  # below, inside, above the grid
+            for n in (1, 7, 300, 5000):
+                stepwise = sum(cm.decode.at(b, start + j) for j in range(n))
+                assert cm.decode.run_sum(b, start, n) == pytest.approx(stepwise, rel=1e-9)
+                ends = cm.decode_run_ends(b, start * b, n)
+                assert ends[-1] == pytest.approx(stepwise, rel=1e-9)
+
+
+def test_extrapolation_follows_the_physical_shape_and_stays_positive():
+    # A surface that is exactly of the regression's shape is recovered beyond the grid.
+    prefill = lambda b, p: 0.002 + 1e-4 * b + 2e-6 * b * p + 1e-10 * b * p * p  # noqa: E731
+    decode = lambda b, c: 0.004 + 3e-5 * b + 1e-8 * b * c  # noqa: E731
+    mode = parse(synthetic_profile(prefill=prefill, decode=decode), "synthetic").modes["fp16"]
+    cm = CostModel(mode)
+    for b, p in ((128, 8192), (1, 3), (500, 100)):
+        assert cm.prefill_time(b, p) == pytest.approx(prefill(b, p), rel=1e-3)
+    for b, c in ((512, 32768), (300, 10)):
+        assert cm.decode_time(b, b * c) == pytest.approx(decode(b, c), rel=1e-3)
+    assert held_out_error(mode.decode, quadratic=False).max < 1e-3
+
+
+def test_missing_points_are_filled_by_the_regression():
+    g = Grid(np.array([1.0, 2.0, 4.0]), np.array([10.0, 20.0, 40.0]),
+             np.array([[1.0, 1.1, 1.2], [1.1, 1.2, 1.3], [1.2, 1.3, np.nan]]))
+    from calibration.cost_model import Surface
+
+    s = Surface(g, quadratic=False)
+    assert np.isfinite(s.table).all() and s.at(4, 40.0) > 0
+
+
+def test_mixed_step_pays_the_fixed_overhead_once():
+    mode = parse(synthetic_profile(prefill=lambda b, p: 0.01 + 1e-5 * b * p, decode=lambda b, c: 0.005),
+                 "synthetic").modes["fp16"]
+    cm = CostModel(mode)
+    from sim.scheduler import Step
+
+    mixed = cm.step_time(Step(prefill_seqs=1, prefill_len=100, decode_seqs=4, decode_context=400))
+    separate = cm.prefill_time(1, 100) + cm.decode_time(4, 400)
+    assert cm.decode_time(4, 400) < mixed < separate
+
+
+def test_slowdown_interpolates_measured_concurrency():
+    mode = parse(synthetic_profile(concurrency={1: 0.01, 2: 0.03, 4: 0.08}), "synthetic").modes["fp16"]
+    cm = CostModel(mode)
+    assert cm.slowdown(1) == 1.0
+    assert cm.slowdown(2) == pytest.approx(3.0)
+    assert cm.slowdown(3) == pytest.approx(5.5)
+    assert cm.slowdown(8) == pytest.approx(16.0)  # beyond the grid: proportional time-slicing
