@@ -16,8 +16,9 @@ examples:
   simulate scenarios/steady.yaml --seed 3 --json   another random draw, summary as JSON
   simulate scenarios/azure-conv.yaml --out /tmp/az
 
-The results folder holds requests.csv (one row per request), timeseries.csv (queue, batch,
-replicas, KV use over time), autoscaler.csv, summary.json and a copy of the scenario.
+The results folder holds report.html (interactive, offline), requests.csv (one row per
+request), timeseries.csv (queue, batch, replicas, KV use over time), autoscaler.csv,
+batch_sizes.csv, summary.json and a copy of the scenario. `report <folder>` rebuilds the HTML.
 The same scenario and seed always give byte-identical files.
 """
 
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="results folder (default: results/<scenario name>)")
     p.add_argument("--seed", type=int, help="override the scenario's seed")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.add_argument("--no-report", action="store_true", help="skip the interactive HTML report")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         frame = results.requests_frame(run_)
         summary = results.summarise(run_, scenario, frame)
         out = args.out or Path("results") / scenario.name
-        results.write(out, run_, scenario, frame, summary)
+        results.write(out, run_, scenario, frame, summary, report=not args.no_report)
         wall = time.perf_counter() - started
         if args.json:
             print(json.dumps(summary, indent=2))

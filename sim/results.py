@@ -165,14 +165,19 @@ def table(summary: dict[str, Any]) -> str:
 
 
 def write(out: Path, run: Run, scenario: Scenario, frame: pd.DataFrame, summary: dict[str, Any],
-          extra: dict[str, str] | None = None) -> None:
-    """Write the results folder atomically: requests.csv, timeseries.csv, autoscaler.csv, summary.json."""
+          report: bool = True) -> None:
+    """Write the results folder atomically: requests.csv, timeseries.csv, autoscaler.csv,
+    batch_sizes.csv, summary.json, the scenario, and report.html built from them."""
     with atomic_folder(out) as tmp:
         frame.to_csv(tmp / "requests.csv", index=False)
         timeseries_frame(run).to_csv(tmp / "timeseries.csv", index=False)
         pd.DataFrame(run.actions, columns=["time_s", "action", "replicas_before", "replicas_after", "reason"]) \
             .to_csv(tmp / "autoscaler.csv", index=False)
+        pd.DataFrame({"batch_size": np.arange(len(run.batch_sizes)), "forward_passes": run.batch_sizes}) \
+            .to_csv(tmp / "batch_sizes.csv", index=False)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         (tmp / "scenario.yaml").write_text(Path(scenario.path).read_text(encoding="utf-8"), encoding="utf-8")
-        for name, text in (extra or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        if report:
+            from reports.run_report import write_run_report
+
+            write_run_report(tmp)

@@ -1,0 +1,164 @@
+"""The report of one simulation run, built from its results folder (so `report` can rebuild it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from reports.html import figure, page, table
+from sim.errors import InputError
+
+METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))
+
+
+def _ms(v) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "-"
+    return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
+
+
+def _read(folder: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    try:
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        frames = [pd.read_csv(folder / name, keep_default_na=False, na_values=[""])
+                  for name in ("requests.csv", "timeseries.csv", "autoscaler.csv", "batch_sizes.csv")]
+    except FileNotFoundError as e:
+        raise InputError(f"{folder}: not a servesim results folder: {Path(e.filename).name} is missing") from None
+    except (json.JSONDecodeError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise InputError(f"{folder}: corrupt results: {e}") from None
+    return (summary, *frames)
+
+
+def _summary_section(s: dict) -> str:
+    slo_rows = [[m.upper(), f"p{t['percentile']:g}", _ms(t["value_s"]), _ms(t["max_s"]),
+                 f"<span class='{'pass' if t['met'] else 'fail'}'>{'PASS' if t['met'] else 'FAIL'}</span>"]
+                for m, t in s["slo"].items()]
+    lat_rows = [[label] + [_ms(s[key][p]) for p in ("p50", "p90", "p95", "p99", "mean")]
+                for key, label in METRICS + (("queue_s", "queueing"),)]
+    cost_m = s["usd_per_million_output_tokens"]
+    kv = s["kv_cache_utilization_mean"]
+    facts = [
+        ["requests", f"{s['requests']:,} ({s['served']:,} served, {sum(s['rejected'].values()):,} rejected)"],
+        ["throughput", f"{s['throughput_rps']:.2f} req/s · {s['output_tokens_per_s']:,.0f} output tok/s"],
+        ["goodput", f"{s['goodput_rps']:.2f} req/s meeting every SLO ({s['slo_attainment']:.1%})"],
+        ["GPU", f"utilisation {s['gpu_utilization']:.1%} · {s['gpu_hours']:.3f} GPU-hours"],
+        ["cost", f"${s['cost_usd']:.2f}" + (f" · ${cost_m:.3f} per 1M output tokens" if cost_m else "")],
+        ["batching", f"mean batch {s['mean_batch_size']:.2f} over {s['forward_passes']:,} passes"],
+        ["KV cache", "no KV cache" if kv is None else f"mean {kv:.1%}, max {s['kv_cache_utilization_max']:.1%}"],
+        ["preemptions · cache hits · autoscaler",
+         f"{s['preemptions']:,} · {s['cache_hit_rate']:.1%} · {s['autoscaler_actions']} actions"],
+    ]
+    verdict = ("<span class='pass'>SLO MET</span>" if s["slo_met"] else "<span class='fail'>SLO MISSED</span>") \
+        if s["slo"] else "no SLO given"
+    return (f"<h2>Summary — {verdict}</h2><div class='grid'><div>"
+            + table(["SLO", "percentile", "simulated", "target", ""], slo_rows)
+            + table(["latency", "p50", "p90", "p95", "p99", "mean"], lat_rows)
+            + "</div><div>" + table(["", ""], facts) + "</div></div>")
+
+
+def _cdfs(req: pd.DataFrame, s: dict) -> go.Figure:
+    fig = make_subplots(rows=1, cols=3, subplot_titles=[label for _, label in METRICS])
+    for col, (key, label) in enumerate(METRICS, start=1):
+        v = np.sort(req[key].dropna().to_numpy())
+        if len(v) == 0:
+            continue
+        idx = np.unique(np.linspace(0, len(v) - 1, min(len(v), 400)).astype(int))  # a light curve
+        fig.add_trace(go.Scatter(x=v[idx], y=(idx + 1) / len(v), mode="lines", name=label, showlegend=False),
+                      row=1, col=col)
+        target = s["slo"].get(key[:-2])
+        if target:
+            fig.add_vline(x=target["max_s"], line_dash="dash", line_color="red", row=1, col=col)
+        fig.update_xaxes(title_text="seconds", row=1, col=col)
+    fig.update_yaxes(title_text="fraction of requests", row=1, col=1)
+    fig.update_layout(title="latency CDFs (red: SLO bound)")
+    return fig
+
+
+def _windows(req: pd.DataFrame, n: int = 60) -> tuple[np.ndarray, pd.core.groupby.DataFrameGroupBy]:
+    edges = np.linspace(req["arrived_at"].min(), req["arrived_at"].max() + 1e-9, n + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    return centers, req.groupby(pd.cut(req["arrived_at"], edges, labels=False), observed=True)
+
+
+def _over_time(req: pd.DataFrame, s: dict) -> go.Figure:
+    centers, groups = _windows(req)
+    fig = go.Figure()
+    for key, label in (("ttft_s", "TTFT"), ("e2e_s", "E2E")):
+        for q in (50, 95):
+            series = groups[key].quantile(q / 100)
+            fig.add_trace(go.Scatter(x=centers[series.index.astype(int)], y=series.to_numpy(), mode="lines",
+                                     name=f"{label} p{q}"))
+        target = s["slo"].get(key[:-2])
+        if target:
+            fig.add_hline(y=target["max_s"], line_dash="dash", line_color="red",
+                          annotation_text=f"{label} SLO")
+    fig.update_layout(title="latency percentiles over time (by arrival window)", xaxis_title="time (s)",
+                      yaxis_title="seconds")
+    return fig
+
+
+def _system(ts: pd.DataFrame) -> go.Figure:
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=["requests queued and running", "replicas", "KV cache use"])
+    t = ts["time_s"]
+    fig.add_trace(go.Scatter(x=t, y=ts["queued"], name="queued", mode="lines"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=t, y=ts["running"], name="running (batch)", mode="lines"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=t, y=ts["replicas"], name="replicas (allocated)", mode="lines", line_shape="hv"), row=2, col=1)
+    fig.add_trace(go.Scatter(x=t, y=ts["ready_replicas"], name="replicas (serving)", mode="lines", line_shape="hv"), row=2, col=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kv = ts["kv_used_tokens"] / ts["kv_capacity_tokens"].replace(0, np.nan)
+    fig.add_trace(go.Scatter(x=t, y=kv.replace([np.inf], np.nan), name="KV used / capacity", mode="lines"), row=3, col=1)
+    fig.update_yaxes(tickformat=".1%", row=3, col=1)
+    fig.update_xaxes(title_text="time (s)", row=3, col=1)
+    fig.update_layout(title="the deployment over time")
+    return fig
+
+
+def _throughput(req: pd.DataFrame) -> go.Figure:
+    done = req.dropna(subset=["finished_at"])
+    edges = np.linspace(0, done["finished_at"].max() + 1e-9, 61)
+    width = edges[1] - edges[0]
+    counts, _ = np.histogram(done["finished_at"], edges)
+    tokens, _ = np.histogram(done["finished_at"], edges, weights=done["output_tokens"])
+    arrivals, _ = np.histogram(req["arrived_at"], edges)
+    centers = (edges[:-1] + edges[1:]) / 2
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_trace(go.Scatter(x=centers, y=arrivals / width, name="arrivals (req/s)", mode="lines"))
+    fig.add_trace(go.Scatter(x=centers, y=counts / width, name="completions (req/s)", mode="lines"))
+    fig.add_trace(go.Scatter(x=centers, y=tokens / width, name="output tok/s", mode="lines", line_dash="dot"),
+                  secondary_y=True)
+    fig.update_layout(title="offered load and throughput", xaxis_title="time (s)")
+    fig.update_yaxes(title_text="requests/s", secondary_y=False)
+    fig.update_yaxes(title_text="output tokens/s", secondary_y=True)
+    return fig
+
+
+def _batches(batch_sizes: pd.DataFrame) -> go.Figure:
+    b = batch_sizes[batch_sizes["forward_passes"] > 0]
+    fig = go.Figure(go.Bar(x=b["batch_size"], y=b["forward_passes"]))
+    fig.update_layout(title="forward passes by batch size (rows in the pass)", xaxis_title="batch size",
+                      yaxis_title="forward passes")
+    return fig
+
+
+def write_run_report(folder: Path) -> Path:
+    """Build report.html inside a results folder from the files there."""
+    s, req, ts, actions, batch_sizes = _read(folder)
+    sections = [_summary_section(s), figure(_cdfs(req, s), "cdfs", 340), figure(_over_time(req, s), "latency_time"),
+                figure(_system(ts), "system", 620), figure(_throughput(req), "throughput"),
+                figure(_batches(batch_sizes), "batches", 320)]
+    if len(actions):
+        sections += ["<h2>Autoscaler actions</h2>", table(
+            ["time", "action", "replicas", "reason"],
+            [[f"{r.time_s:.1f} s", r.action, f"{r.replicas_before} → {r.replicas_after}", r.reason]
+             for r in actions.itertuples()])]
+    subtitle = (f"{s['policy']} batching · profile {s['profile']} / {s['mode']} · seed {s['seed']} · "
+                f"{s['requests']:,} requests over {s['simulated_s']:.0f} simulated seconds")
+    out = folder / "report.html"
+    page(f"servesim: {s['scenario']}", subtitle, sections, out)
+    return out

@@ -1,0 +1,129 @@
+"""The commands as a user meets them: clear one-line errors, atomic outputs, determinism."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, base_scenario
+
+
+def run(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_simulate_is_byte_identical_for_the_same_seed(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        proc = run("sim.cli", "scenarios/bursty.yaml", "--out", str(out), "--quiet")
+        assert proc.returncode == 0, proc.stderr
+    files = sorted(p.name for p in a.iterdir())
+    assert {"requests.csv", "timeseries.csv", "summary.json", "autoscaler.csv"} <= set(files)
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    other = run("sim.cli", "scenarios/bursty.yaml", "--out", str(tmp_path / "c"), "--seed", "8", "--quiet")
+    assert (tmp_path / "c/requests.csv").read_bytes() != (a / "requests.csv").read_bytes(), other.stderr
+
+
+def test_simulate_json_summary(tmp_path):
+    proc = run("sim.cli", "scenarios/steady.yaml", "--out", str(tmp_path / "r"), "--json", "--quiet")
+    summary = json.loads(proc.stdout)
+    assert summary["requests"] == 2000 and summary["served"] == 2000
+    assert set(summary["ttft_s"]) == {"p50", "p90", "p95", "p99", "mean"}
+
+
+BAD_SCENARIOS = [
+    (lambda s: s["deployment"].update(replicaz=2), "deployment: unknown key 'replicaz'"),
+    (lambda s: s["deployment"].update(replicas="two"), "deployment.replicas: expected a number"),
+    (lambda s: s["deployment"].update(replicas=0), "deployment.replicas: must be >= 1"),
+    (lambda s: s["deployment"]["batching"].update(policy="magic"), "deployment.batching.policy: 'magic' is not one of"),
+    (lambda s: s["workload"]["arrivals"].update(rate=-1), "workload.arrivals.rate: must be > 0"),
+    (lambda s: s["workload"].pop("output_tokens"), "workload.output_tokens: is required"),
+    (lambda s: s["deployment"].update(mode="int4"), "has no mode 'int4'"),
+    (lambda s: s["deployment"].update(profile="no-such-profile"), "deployment.profile: profile 'no-such-profile' not found"),
+    (lambda s: s.update(autoscaler={"policy": "queue-depth", "max_replicas": 2, "min_replicas": 3,
+                                    "target_queue_per_replica": 4}), "autoscaler.max_replicas: must be >= 3"),
+    (lambda s: s["deployment"].update(workers_per_gpu=100, gpu_memory_utilization=0.1), "do not fit"),
+]
+
+
+@pytest.mark.parametrize("mutate,message", BAD_SCENARIOS, ids=[m for _, m in BAD_SCENARIOS])
+def test_bad_scenarios_fail_with_one_clear_line_and_write_nothing(tmp_path, write_profile, mutate, message):
+    s = base_scenario(write_profile(weights_bytes=10**10, memory_bytes=10**11))
+    mutate(s)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(s))
+    out = tmp_path / "out"
+    proc = run("sim.cli", str(path), "--out", str(out), "--quiet")
+    assert_one_line_error(proc, str(path), message)
+    assert not out.exists()
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("workload: [unclosed\n")
+    assert_one_line_error(run("sim.cli", str(path)), str(path), "invalid YAML")
+    assert_one_line_error(run("sim.cli", str(tmp_path / "nope.yaml")), "nope.yaml", "cannot read scenario")
+
+
+def test_bad_trace_row_is_named_by_line_and_column(tmp_path, write_profile):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,10,5\n0.5,ten,5\n")
+    s = base_scenario(write_profile())
+    s["workload"] = {"arrivals": {"kind": "trace", "trace": str(trace)}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(s))
+    assert_one_line_error(run("sim.cli", str(path), "--out", str(tmp_path / "o")),
+                          "line 3: column num_prefill_tokens", "'ten'")
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "invalid JSON"),
+    ('{"schema_version": 99}', "schema_version: is 99"),
+    ('{"schema_version": 1, "name": "x"}', "device: is required"),
+])
+def test_corrupt_profiles_are_rejected_clearly(tmp_path, content, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    s = base_scenario(bad)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(s))
+    assert_one_line_error(run("sim.cli", str(path), "--out", str(tmp_path / "o")), str(bad), message)
+
+
+def test_azure_layout_trace_is_read(tmp_path):
+    from sim.workload import read_trace
+
+    path = tmp_path / "azure.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n")
+    trace = read_trace(path)
+    assert trace.arrived_at.tolist() == pytest.approx([0.0, 4.314579])
+    assert trace.prompt_tokens.tolist() == [374, 396]
+
+
+def test_profile_unknown_model_lists_the_known_ones():
+    proc = run("profiler.cli", "--device", "cpu", "--model", "gpt5")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown model 'gpt5'" in proc.stderr and "llama-3.1-8b" in proc.stderr
+
+
+def test_profile_gpu_without_cuda_suggests_cpu():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert_one_line_error(run("profiler.cli", "--gpu", "0", "--model", "gpt2-tiny"), "--gpu 0", "--device cpu")
