@@ -147,12 +147,19 @@ class HeldOut:
     max: float
     points: int
 
+    def __str__(self) -> str:
+        if not self.points:
+            return "n/a (grid too small)"
+        return f"median {self.median:.1%} max {self.max:.1%} ({self.points} points)"
+
 
 class CostModel:
     """Prices scheduler steps for one mode of a profile."""
 
-    def __init__(self, mode: Mode):
+    def __init__(self, mode: Mode, copy_bytes_per_s: float | None = None):
         self.mode = mode
+        # Seconds to copy one token's KV cache (read and write) at the device's measured rate.
+        self.copy_s_per_token = 2 * mode.kv_bytes_per_token / copy_bytes_per_s if copy_bytes_per_s else 0.0
         self.prefill = Surface(mode.prefill, quadratic=True)
         self.decode = Surface(mode.decode, quadratic=not mode.kv_cache)
         conc = mode.concurrency
@@ -184,12 +191,13 @@ class CostModel:
 
     def step_time(self, step) -> float:
         """Seconds of one scheduler Step (see sim.scheduler)."""
+        copy = step.reshuffle_tokens * self.copy_s_per_token
         if not step.prefill_seqs:
-            return self.decode_time(step.decode_seqs, step.decode_context)
+            return self.decode_time(step.decode_seqs, step.decode_context) + copy
         t = self.prefill_time(step.prefill_seqs, step.prefill_len)
         if step.decode_seqs:
             t = self.decode_time(step.decode_seqs, step.decode_context) + max(t - self.prefill.overhead, 0.0)
-        return t
+        return t + copy
 
 
 def held_out_error(grid: Grid, quadratic: bool) -> HeldOut:

@@ -52,6 +52,7 @@ class Profile:
     device_type: str
     device_name: str
     memory_bytes: int
+    copy_bytes_per_s: float | None  # measured device copy rate, bytes read + written per second
     model_name: str
     model_load_s: float
     modes: dict[str, Mode]
@@ -167,6 +168,7 @@ def parse(data: Any, path: str) -> Profile:
         device_type=device.str("type", choices=("cpu", "cuda")),
         device_name=device.str("name"),
         memory_bytes=device.num("memory_bytes", positive=True, integer=True),
+        copy_bytes_per_s=device.num("copy_bytes_per_s", None, positive=True),
         model_name=model.str("name"),
         model_load_s=top.num("model_load_s", low=0),
         modes=modes,

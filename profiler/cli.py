@@ -107,73 +107,49 @@ def clip(values, limit) -> tuple[int, ...]:
     return kept or (min(values[0], limit),)
 
 
-def measure_mode(bench, spec, bar) -> dict:
-    """Both grids of one mode. A point that runs out of memory is null, and so are the larger
-    batches at the same length (they would too)."""
-    from profiler.measure import is_oom
+def measure_profile(model, model_name: str, model_load_s: float, device, info: dict, modes, spec, name: str,
+                    command: str, quiet: bool = False) -> dict:
+    """Measure `model` on `device` over the grid and return the profile as the file stores it."""
+    from tqdm import tqdm
 
-    import torch
+    from profiler.measure import grid_points, measure_modes
+    from profiler.models import max_positions
 
-    out = {}
-    nocache = not bench.mode.kv_cache
-    for kind, batches, xs, fn in (
-        ("prefill", spec.prefill_batch, spec.prefill_length, bench.prefill),
-        # Without a cache a decode step is a prefill-shaped pass, so it shares prefill's grid.
-        ("decode", spec.prefill_batch if nocache else spec.decode_batch,
-         spec.prefill_length if nocache else spec.decode_context, bench.decode),
-    ):
-        cells = {k: [[None] * len(xs) for _ in batches] for k in ("median_s", "p10_s", "p90_s", "peak_memory_bytes", "repeats")}
-        for j, x in enumerate(xs):
-            oom = False
-            for i, b in enumerate(batches):
-                bar.set_postfix_str(f"{bench.mode.name} {kind} b={b} {'ctx' if kind == 'decode' else 'len'}={x}")
-                if not oom:
-                    try:
-                        point = fn(b, x)
-                        for k in cells:
-                            cells[k][i][j] = point[k]
-                    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                        if not is_oom(e):
-                            raise
-                        oom = True
-                        if bench.cuda:
-                            torch.cuda.empty_cache()
-                bar.update(1)
-        out[kind] = {"batch": list(batches), "length" if kind == "prefill" else "context": list(xs), **cells}
-    return out
+    limit = max_positions(model) - spec.warmup - spec.repeats - 8
+    spec = type(spec)(**{**spec.__dict__, "prefill_length": clip(spec.prefill_length, limit - 1),
+                         "decode_context": clip(spec.decode_context, limit)})
+    bar = tqdm(total=grid_points(spec, modes), unit="pt", disable=quiet, file=sys.stderr)
+    measured = measure_modes(model, device, modes, spec, bar)
+    bar.close()
+    return profile_record(model, model_name, model_load_s, info | {"copy_bytes_per_s": measured["copy_bytes_per_s"]},
+                          measured["modes"], spec, name, command)
 
 
-def max_batch(bench, context: int, start: int) -> dict | None:
-    """Largest decode batch (doubling from `start`) whose KV cache of `context` tokens fits."""
-    from profiler.measure import is_oom
+def profile_record(model, model_name: str, model_load_s: float, info: dict, modes: dict, spec, name: str,
+                   command: str) -> dict:
+    """A whole profile file: metadata around the measured modes."""
+    from calibration.profile import SCHEMA_VERSION
 
-    import torch
-
-    if not bench.cuda or not bench.mode.kv_cache:
-        return None
-    fits, b = None, start
-    while b <= 65536:
-        try:
-            with torch.inference_mode():
-                cache = bench.synthetic_cache(b, context)
-                bench.forward(input_ids=bench._ids(b, 1), past_key_values=cache, use_cache=True)
-            del cache
-            fits = b
-            b *= 2
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-            if not is_oom(e):
-                raise
-            break
-        finally:
-            torch.cuda.empty_cache()
-    return {"context": context, "batch": fits}
+    config = model.config.to_diff_dict() if hasattr(model.config, "to_diff_dict") else {}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": name,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "device": info,
+        "model": {"name": model_name, "params": sum(p.numel() for p in model.parameters()),
+                  "config": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool, list))}},
+        "model_load_s": model_load_s,
+        "grid": dict(spec.__dict__),
+        "modes": modes,
+    }
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
-        from profiler.measure import GRIDS, ModeSpec
+        from profiler.measure import DTYPES, GRIDS, ModeSpec, reuse_cpu_memory
 
         try:
             modes = [ModeSpec.parse(m.strip()) for m in (args.modes or "").split(",") if m.strip()]
@@ -183,14 +159,14 @@ def main(argv=None) -> int:
 
         model_spec = lookup(args.model)  # fail fast on an unknown model, before importing torch
         import torch
-        from tqdm import tqdm
 
         from calibration import profile as profile_file
         from calibration.cost_model import held_out_errors
-        from profiler.measure import Bench, device_peaks
-        from profiler.models import build, max_positions
+        from profiler.models import build
 
         device = pick_device(args)
+        if device.type == "cpu":
+            reuse_cpu_memory()
         modes = modes or [ModeSpec.parse(m) for m in DEFAULT_MODES[device.type].split(",")]
         info = device_info(device)
         model_name = args.model if not isinstance(model_spec, Path) else model_spec.name
@@ -200,67 +176,22 @@ def main(argv=None) -> int:
 
         started = time.perf_counter()
         load_start = time.perf_counter()
-        model = build(model_spec, torch.float32 if modes[0].dtype == "fp32" else
-                      {"fp16": torch.float16, "bf16": torch.bfloat16}[modes[0].dtype], device)
+        model = build(model_spec, DTYPES[modes[0].dtype], device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         model_load_s = time.perf_counter() - load_start
-        limit = max_positions(model) - spec.warmup - spec.repeats - 8
-        spec = type(spec)(**{**spec.__dict__,
-                             "prefill_length": clip(spec.prefill_length, limit - 1),
-                             "decode_context": clip(spec.decode_context, limit)})
         print(f"profiling {model_name} on {info['name']} ({device}), modes: {', '.join(m.name for m in modes)}",
               file=sys.stderr)
-        peaks = device_peaks(device, sorted({m.dtype for m in modes}))
-        points = sum(len(spec.prefill_batch) * len(spec.prefill_length) * (1 if m.kv_cache else 2)
-                     + (len(spec.decode_batch) * len(spec.decode_context) if m.kv_cache else 0) for m in modes)
-        points += len(spec.concurrency_workers) * len(modes)
-        bar = tqdm(total=points, unit="pt", disable=args.quiet, file=sys.stderr)
-        profile_modes = {}
-        for mode in modes:
-            model = model.to(dtype=getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[mode.dtype]))
-            compile_start = time.perf_counter()
-            bench = Bench(model, device, mode, spec)
-            measured = measure_mode(bench, spec, bar)
-            conc = []
-            for k in spec.concurrency_workers:
-                bar.set_postfix_str(f"{mode.name} {k} workers sharing the device")
-                conc.append(bench.concurrency(k))
-                bar.update(1)
-            profile_modes[mode.name] = {
-                "dtype": mode.dtype, "kv_cache": mode.kv_cache, "compiled": mode.compiled,
-                "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-                "kv_bytes_per_token": bench.kv_bytes_per_token(),
-                "compile_s": time.perf_counter() - compile_start if mode.compiled else None,
-                "peak_flops": peaks["matmul_flops"].get(mode.dtype),
-                "max_batch": max_batch(bench, spec.decode_context[-1], spec.decode_batch[-1]),
-                "concurrency": {"workers": list(spec.concurrency_workers), "step_s": conc,
-                                "context": 256, "batch": 1},
-                **measured,
-            }
-        bar.close()
-        info["copy_bytes_per_s"] = peaks["copy_bytes_per_s"]
-        config = model.config.to_diff_dict() if hasattr(model.config, "to_diff_dict") else {}
-        profile = {
-            "schema_version": profile_file.SCHEMA_VERSION,
-            "name": Path(out).stem,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": "profile " + " ".join(sys.argv[1:] if argv is None else argv),
-            "device": info,
-            "model": {"name": model_name, "params": sum(p.numel() for p in model.parameters()),
-                      "config": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool, list))}},
-            "model_load_s": model_load_s,
-            "grid": {k: v for k, v in spec.__dict__.items()},
-            "modes": profile_modes,
-        }
+        command = "profile " + " ".join(sys.argv[1:] if argv is None else argv)
+        profile = measure_profile(model, model_name, model_load_s, device, info, modes, spec, Path(out).stem,
+                                  command, quiet=args.quiet)
         loaded = profile_file.parse(profile, str(out))  # never write a file we could not read back
         profile_file.save(profile, out)
         print(f"wrote {out} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         for mode in loaded.modes.values():
             errs = held_out_errors(mode)
-            print(f"  {mode.name:<16} held-out error  prefill median {errs['prefill'].median:.1%} "
-                  f"max {errs['prefill'].max:.1%}   decode median {errs['decode'].median:.1%} "
-                  f"max {errs['decode'].max:.1%}", file=sys.stderr)
+            print(f"  {mode.name:<16} held-out error  prefill {errs['prefill']}   decode {errs['decode']}",
+                  file=sys.stderr)
         if not args.no_report:
             from reports.profile_report import write_report
 

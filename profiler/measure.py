@@ -29,17 +29,19 @@ class GridSpec:
     decode_context: tuple[int, ...]
     warmup: int = 2
     repeats: int = 7
-    max_point_s: float = 1.5  # stop repeating a slow point after this long (3 repeats at least)
+    max_point_s: float = 1.5  # stop repeating a slow point after this long (2 repeats at least)
+    passes: int = 3  # sweeps over the whole grid: a burst of device noise hits one pass, not every sample
     concurrency_workers: tuple[int, ...] = (1, 2, 4, 8)
 
 
 GRIDS = {
-    "cpu": GridSpec((1, 2, 4, 8), (16, 64, 256, 1024), (1, 2, 4, 8, 16, 32), (64, 256, 1024, 4096)),
+    "cpu": GridSpec((1, 2, 4, 8), (16, 64, 256, 1024), (1, 2, 4, 8, 16, 32), (64, 256, 1024, 4096),
+                    repeats=3, max_point_s=0.5),
     "cpu-quick": GridSpec((1, 4), (16, 128), (1, 4), (64, 256), warmup=1, repeats=3, max_point_s=0.3,
-                          concurrency_workers=(1, 2)),
+                          passes=1, concurrency_workers=(1, 2)),
     "cuda": GridSpec((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048, 4096),
-                     (1, 2, 4, 8, 16, 32, 64, 128, 256), (128, 512, 1024, 2048, 4096, 8192), repeats=10),
-    "cuda-quick": GridSpec((1, 8), (128, 1024), (1, 16, 64), (128, 2048), warmup=2, repeats=5,
+                     (1, 2, 4, 8, 16, 32, 64, 128, 256), (128, 512, 1024, 2048, 4096, 8192), repeats=5, passes=2),
+    "cuda-quick": GridSpec((1, 8), (128, 1024), (1, 16, 64), (128, 2048), warmup=2, repeats=5, passes=1,
                            concurrency_workers=(1, 2)),
 }
 
@@ -60,6 +62,27 @@ class ModeSpec:
         if parts[0] not in DTYPES or not flags <= {"nocache", "compiled"} or len(flags) != len(parts) - 1:
             raise ValueError(f"bad mode {name!r}: expected <fp32|fp16|bf16>[-nocache][-compiled]")
         return cls(name, parts[0], "nocache" not in flags, "compiled" in flags)
+
+
+def reuse_cpu_memory() -> None:
+    """Make glibc keep freed buffers up to 32 MB for reuse instead of unmapping them.
+
+    On the CPU, torch allocates through malloc. A KV cache that grows every step keeps asking for
+    blocks larger than any freed so far, and glibc serves each with a fresh mmap: page faults
+    and zeroing that double a decode step's time in a live engine but vanish in a benchmark
+    repeating one shape. Pinning the threshold gives both the steady state of a caching
+    allocator (as CUDA's is), so the profile measures what serving pays.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc: nothing to tune
 
 
 def is_oom(error: BaseException) -> bool:
@@ -106,8 +129,8 @@ class Bench:
             cache.update(k, torch.randn_like(k), i)
         return cache
 
-    def time(self, call: Callable[[], object]) -> dict:
-        """Median and spread of `call`, with peak device memory on CUDA."""
+    def time(self, call: Callable[[], object]) -> tuple[list[float], int | None]:
+        """Seconds of `call` over the repeats after warm-ups, and peak device memory on CUDA."""
         spec = self.spec
         with torch.inference_mode():
             for _ in range(spec.warmup):
@@ -117,22 +140,19 @@ class Bench:
                 torch.cuda.reset_peak_memory_stats(self.device)
             times: list[float] = []
             budget_end = time.perf_counter() + spec.max_point_s
-            while len(times) < spec.repeats and (len(times) < 3 or time.perf_counter() < budget_end):
+            while len(times) < spec.repeats and (len(times) < 2 or time.perf_counter() < budget_end):
                 start = time.perf_counter()
                 call()
                 self.sync()
                 times.append(time.perf_counter() - start)
-        times.sort()
-        q = statistics.quantiles(times, n=10, method="inclusive")
-        return {"median_s": statistics.median(times), "p10_s": q[0], "p90_s": q[-1], "repeats": len(times),
-                "peak_memory_bytes": torch.cuda.max_memory_allocated(self.device) if self.cuda else None}
+        return times, torch.cuda.max_memory_allocated(self.device) if self.cuda else None
 
-    def prefill(self, b: int, length: int) -> dict:
+    def prefill(self, b: int, length: int) -> tuple[list[float], int | None]:
         ids = self._ids(b, length)
         use_cache = self.mode.kv_cache
         return self.time(lambda: self.forward(input_ids=ids, use_cache=use_cache, logits_to_keep=1))
 
-    def decode(self, b: int, context: int) -> dict:
+    def decode(self, b: int, context: int) -> tuple[list[float], int | None]:
         """One decode step over `context` cached tokens; without a KV cache, the step recomputes
         the whole sequence, so it is a forward over context + 1 tokens."""
         if not self.mode.kv_cache:
@@ -202,3 +222,131 @@ def device_peaks(device: torch.device, dtypes: list[str]) -> dict:
         b = torch.randn(n, n, device=device, dtype=DTYPES[name])
         flops[name] = 2 * n**3 / timed(lambda: a @ b, 5)
     return {"copy_bytes_per_s": bandwidth, "matmul_flops": flops}
+
+
+class GridSamples:
+    """Timings of one mode's grid points, pooled over sweeps of the whole grid.
+
+    Sweeping the grid several times, rather than repeating each point back to back, means a
+    burst of device noise hits one sweep of a point instead of all its samples; and sweeps can
+    be interleaved with other work (validate's live runs) to sample the device over that time.
+    A point that runs out of memory is null, and so are larger batches at the same length.
+    """
+
+    def __init__(self, bench: Bench, spec: GridSpec):
+        self.bench = bench
+        nocache = not bench.mode.kv_cache
+        self.grids = [
+            ("prefill", spec.prefill_batch, spec.prefill_length, bench.prefill),
+            # Without a cache a decode step is a prefill-shaped pass, so it shares prefill's grid.
+            ("decode", spec.prefill_batch if nocache else spec.decode_batch,
+             spec.prefill_length if nocache else spec.decode_context, bench.decode),
+        ]
+        self.samples: dict[tuple, list[float]] = {}
+        self.peaks: dict[tuple, int | None] = {}
+        self.oom: dict[tuple, int] = {}  # (kind, column) -> the smallest batch index that ran out
+
+    def points(self) -> int:
+        return sum(len(batches) * len(xs) for _, batches, xs, _ in self.grids)
+
+    def sweep(self, bar=None) -> None:
+        for kind, batches, xs, fn in self.grids:
+            for j, x in enumerate(xs):
+                for i, b in enumerate(batches):
+                    if bar is not None:
+                        bar.set_postfix_str(f"{self.bench.mode.name} {kind} b={b} "
+                                            f"{'ctx' if kind == 'decode' else 'len'}={x}")
+                    if i < self.oom.get((kind, j), len(batches)):
+                        try:
+                            times, peak = fn(b, x)
+                            self.samples.setdefault((kind, i, j), []).extend(times)
+                            if peak is not None:
+                                self.peaks[kind, i, j] = max(peak, self.peaks.get((kind, i, j)) or 0)
+                        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                            if not is_oom(e):
+                                raise
+                            self.oom[kind, j] = i
+                            if self.bench.cuda:
+                                torch.cuda.empty_cache()
+                    if bar is not None:
+                        bar.update(1)
+
+    def summary(self) -> dict:
+        """Both grids as the profile file stores them: median and spread of the pooled samples."""
+        out = {}
+        for kind, batches, xs, _ in self.grids:
+            keys = ("median_s", "p10_s", "p90_s", "peak_memory_bytes", "repeats")
+            cells = {k: [[None] * len(xs) for _ in batches] for k in keys}
+            for i in range(len(batches)):
+                for j in range(len(xs)):
+                    times = sorted(self.samples.get((kind, i, j), []))
+                    if i >= self.oom.get((kind, j), len(batches)) or not times:
+                        continue
+                    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
+                    values = (statistics.median(times), q[0], q[-1], self.peaks.get((kind, i, j)), len(times))
+                    for key, value in zip(keys, values):
+                        cells[key][i][j] = value
+            out[kind] = {"batch": list(batches), "length" if kind == "prefill" else "context": list(xs), **cells}
+        return out
+
+
+def mode_record(bench: Bench, grids: dict, peak_flops: float | None, **extra) -> dict:
+    """One mode's entry in a profile file."""
+    mode = bench.mode
+    return {"dtype": mode.dtype, "kv_cache": mode.kv_cache, "compiled": mode.compiled,
+            "weights_bytes": sum(p.numel() * p.element_size() for p in bench.model.parameters()),
+            "kv_bytes_per_token": bench.kv_bytes_per_token(), "peak_flops": peak_flops, **extra, **grids}
+
+
+def max_batch(bench, context: int, start: int) -> dict | None:
+    """Largest decode batch (doubling from `start`) whose KV cache of `context` tokens fits."""
+    if not bench.cuda or not bench.mode.kv_cache:
+        return None
+    fits, b = None, start
+    while b <= 65536:
+        try:
+            with torch.inference_mode():
+                cache = bench.synthetic_cache(b, context)
+                bench.forward(input_ids=bench._ids(b, 1), past_key_values=cache, use_cache=True)
+            del cache
+            fits = b
+            b *= 2
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            if not is_oom(e):
+                raise
+            break
+        finally:
+            torch.cuda.empty_cache()
+    return {"context": context, "batch": fits}
+
+
+def measure_modes(model, device: torch.device, modes: list[ModeSpec], spec: GridSpec, bar) -> dict:
+    """Every mode's grids, memory and concurrency figures, as the profile file stores them."""
+    peaks = device_peaks(device, sorted({m.dtype for m in modes}))
+    out = {}
+    for mode in modes:
+        model = model.to(dtype=DTYPES[mode.dtype])
+        compile_start = time.perf_counter()
+        bench = Bench(model, device, mode, spec)
+        samples = GridSamples(bench, spec)
+        for _ in range(spec.passes):
+            samples.sweep(bar)
+        conc = []
+        for k in spec.concurrency_workers:
+            bar.set_postfix_str(f"{mode.name} {k} workers sharing the device")
+            conc.append(bench.concurrency(k))
+            bar.update(1)
+        out[mode.name] = mode_record(
+            bench, samples.summary(), peaks["matmul_flops"].get(mode.dtype),
+            compile_s=time.perf_counter() - compile_start if mode.compiled else None,
+            max_batch=max_batch(bench, spec.decode_context[-1], spec.decode_batch[-1]),
+            concurrency={"workers": list(spec.concurrency_workers), "step_s": conc, "context": 256, "batch": 1})
+    return {"modes": out, "copy_bytes_per_s": peaks["copy_bytes_per_s"]}
+
+
+def grid_points(spec: GridSpec, modes: list[ModeSpec]) -> int:
+    """How many measurements `measure_modes` makes (for the progress bar)."""
+    prefill = len(spec.prefill_batch) * len(spec.prefill_length)
+    decode = len(spec.decode_batch) * len(spec.decode_context)
+    return sum(spec.passes * (prefill + (decode if m.kv_cache else prefill)) + len(spec.concurrency_workers)
+               for m in modes)

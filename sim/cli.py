@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("scenario", help="scenario YAML file (see scenarios/)")
     p.add_argument("--out", type=Path, help="results folder (default: results/<scenario name>)")
     p.add_argument("--seed", type=int, help="override the scenario's seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario value, e.g. --set deployment.replicas=4 "
+                        "--set 'deployment.batching={policy: dynamic, max_batch_size: 16}'")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     p.add_argument("--no-report", action="store_true", help="skip the interactive HTML report")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         from sim.simulator import simulate
 
         started = time.perf_counter()
-        scenario = scenario_mod.load(args.scenario)
+        scenario = scenario_mod.load(args.scenario, args.set)
         if args.seed is not None:
             scenario = replace(scenario, seed=args.seed)
         profile = load_profile(scenario.deployment.profile)

@@ -64,6 +64,7 @@ class Batching:
     max_batched_tokens: int = 8192  # continuous
     chunked_prefill: bool = False
     prefix_caching: bool = False
+    kv_layout: str = "paged"  # paged (vLLM) | padded (HF transformers, TGI v1, the live engine)
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,10 @@ def _batching(b: Fields) -> Batching:
         spec = Batching(policy, max_num_seqs=b.num("max_num_seqs", 256, integer=True, low=1),
                         max_batched_tokens=b.num("max_batched_tokens", 8192, integer=True, low=1),
                         chunked_prefill=b.bool("chunked_prefill", False),
-                        prefix_caching=b.bool("prefix_caching", False))
+                        prefix_caching=b.bool("prefix_caching", False),
+                        kv_layout=b.str("kv_layout", "paged", choices=("paged", "padded")))
+        if spec.kv_layout == "padded" and spec.chunked_prefill:
+            b.fail("chunked prefill needs a paged KV cache (kv_layout: paged)", "chunked_prefill")
     else:
         spec = Batching(policy, max_batch_size=b.num("max_batch_size", 8, integer=True, low=1),
                         max_wait_s=b.num("max_wait_ms", 50.0, low=0) / 1000 if policy == "dynamic" else 0.0)
@@ -285,7 +289,27 @@ def _slo(s: Fields | None) -> tuple[SloTarget, ...]:
     return tuple(targets)
 
 
-def load(path: str | Path) -> Scenario:
+def apply_overrides(data: Any, overrides: list[str], file: str) -> Any:
+    """Apply `key.path=value` overrides (values in YAML: 4, true, {policy: dynamic})."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise InputError(f"--set {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise InputError(f"--set {item!r}: the value is not valid YAML") from None
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or not isinstance(node.get(part, {}), dict):
+                raise InputError(f"{file}: --set {key}: {part!r} is not a mapping")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return data
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Scenario:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -297,6 +321,8 @@ def load(path: str | Path) -> Scenario:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "?"
         raise InputError(f"{path}: {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if overrides:
+        data = apply_overrides(data if isinstance(data, dict) else {}, list(overrides), str(path))
     return parse(data, str(path), path.parent)
 
 

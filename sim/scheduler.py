@@ -33,6 +33,7 @@ class Step:
     decode_context: int = 0  # sum over decode rows of tokens already in the KV cache
     max_repeat: int = 1  # a decode-only step may be repeated this many times unchanged
     interruptible: bool = False  # an arrival during a repeated run would change the next step
+    reshuffle_tokens: int = 0  # KV tokens a padded cache copies to add or drop rows for this step
 
 
 def reject_reason(req: Request, kv_capacity: float) -> str:
@@ -167,6 +168,11 @@ class ContinuousScheduler:
     `max_batched_tokens` and the KV cache, which is paged with no fragmentation (block size 1).
     When a decode step would overflow the cache, the newest request is preempted and later
     recomputed from scratch (vLLM's recompute preemption).
+
+    `padded` prices steps as an engine with a padded KV cache computes them (HF transformers,
+    TGI v1, servesim's live engine): new prompts padded to the longest one, decode attending
+    over the longest context in the batch, and the whole cache copied whenever rows join or
+    leave it. Unpadded (paged, the default) prices the mean context and copies nothing.
     """
 
     def __init__(
@@ -176,12 +182,16 @@ class ContinuousScheduler:
         kv_capacity: float,
         chunked_prefill: bool = False,
         prefix_caching: bool = False,
+        padded: bool = False,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.kv_capacity = kv_capacity
         self.chunked_prefill = chunked_prefill
         self.prefix_caching = prefix_caching
+        self.padded = padded
+        self.longest: list[tuple[int, int, int]] = []  # (-(cached - step_no), finish_step, id): max context
+        self.rows_left = False  # padded: requests left the batch since the last step (its cache is compacted)
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # admission order: the newest is preempted first
         self.prefilling: dict[int, Request] = {}  # running requests whose prompt is not done
@@ -282,20 +292,41 @@ class ContinuousScheduler:
         if not prefill and not decode_seqs:
             return None
         step = Step(prefill=prefill, decode_seqs=decode_seqs)
+        longest = self._longest_context() if self.padded and self.decode_seqs else 0
         if decode_seqs:
-            step.decode_context = self.decode_context
+            step.decode_context = decode_seqs * longest if self.padded else self.decode_context
+        if self.padded:
+            # Dropping rows compacts the cache; adding rows concatenates the new ones to it.
+            rows = self.decode_seqs
+            if self.rows_left:
+                step.reshuffle_tokens += rows * longest
+            if prefill and rows:
+                step.reshuffle_tokens += (rows + len(prefill)) * max(longest, max(c for _, c in prefill))
+            self.rows_left = False
         if prefill:
             step.prefill_seqs = len(prefill)
-            step.prefill_len = sum(c for _, c in prefill) / len(prefill)
+            chunks = [c for _, c in prefill]
+            step.prefill_len = max(chunks) if self.padded else sum(chunks) / len(chunks)
         else:
             while self.finish_heap and self.running.get(self.finish_heap[0][1]) is None:
                 heapq.heappop(self.finish_heap)  # drop entries of preempted requests
             until_finish = self.finish_heap[0][0] - self.step_no
             until_full = int((self.kv_capacity - self.kv_used) // decode_seqs)
-            step.max_repeat = max(1, min(until_finish, until_full))
+            step.max_repeat = 1 if step.reshuffle_tokens else max(1, min(until_finish, until_full))
             # A new arrival could join the next step only if nobody is queued ahead of it.
             step.interruptible = not self.waiting and len(self.running) < self.max_num_seqs
         return step
+
+    def _longest_context(self) -> int:
+        """Cached tokens of the longest decoding request. Every decoding request gains one token
+        per step, so its context minus step_no is fixed; the heap holds the largest first."""
+        heap = self.longest
+        while True:
+            offset, finish_step, rid = heap[0]
+            r = self.running.get(rid)
+            if r is not None and r.finish_step == finish_step and rid not in self.prefilling:
+                return self.step_no - offset
+            heapq.heappop(heap)
 
     def postprocess(self, step: Step, now: float, repeat: int = 1) -> list[Request]:
         finished = []
@@ -314,6 +345,7 @@ class ContinuousScheduler:
                 self.kv_used -= r.cached_tokens
                 self.decode_seqs -= 1
                 self.decode_context -= r.cached_tokens
+                self.rows_left = True
                 self._finish(r, now, finished)
         for r, chunk in step.prefill:
             r.prefilled += chunk
@@ -328,10 +360,13 @@ class ContinuousScheduler:
             if r.done:
                 del self.running[r.id]
                 self.kv_used -= r.cached_tokens
+                self.rows_left = True
                 self._finish(r, now, finished)
             else:
                 r.finish_step = self.step_no + r.output_tokens - r.generated
                 heapq.heappush(self.finish_heap, (r.finish_step, r.id))
+                if self.padded:
+                    heapq.heappush(self.longest, (-(r.cached_tokens - self.step_no), r.finish_step, r.id))
                 self.decode_seqs += 1
                 self.decode_context += r.cached_tokens
         return finished

@@ -52,7 +52,7 @@ def make_scheduler(scenario: Scenario, kv_capacity: float):
     b = scenario.deployment.batching
     if b.policy == "continuous":
         return ContinuousScheduler(b.max_num_seqs, b.max_batched_tokens, kv_capacity,
-                                   b.chunked_prefill, b.prefix_caching)
+                                   b.chunked_prefill, b.prefix_caching, b.kv_layout == "padded")
     return PaddedBatchScheduler(b.max_batch_size, kv_capacity, b.max_wait_s if b.policy == "dynamic" else None)
 
 
@@ -177,7 +177,7 @@ class Simulation:
         self.progress = progress  # called with the number of requests done, every 1% or so
         dep = scenario.deployment
         mode = profile.mode(dep.mode, f"{scenario.path}: deployment.mode")
-        self.cost = CostModel(mode)
+        self.cost = CostModel(mode, profile.copy_bytes_per_s)
         self.slowdown = self.cost.slowdown(dep.workers_per_gpu)
         self.kv_capacity = kv_capacity_per_worker(scenario, profile)
         self.env = simpy.Environment()

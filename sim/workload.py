@@ -211,3 +211,32 @@ def generate(workload, seed: int) -> Trace:
         prefix_id = np.where(has, rng_keys.integers(0, groups, n), -1)
         prefix_tokens = np.where(has, np.minimum(tokens, prompt - 1), 0)
     return Trace(times, prompt.astype(np.int64), output.astype(np.int64), prompt_key, prefix_id, prefix_tokens)
+
+
+RATE_KEYS = {"poisson": ("rate",), "gamma": ("rate",), "bursty": ("rates",), "diurnal": ("mean_rate",),
+             "step": ("rates",), "ramp": ("start_rate", "end_rate"), "trace": ("time_scale",)}
+
+
+def scale_rate(workload, factor: float):
+    """The same workload offered `factor` times as fast, its shape kept (bursts, cycles, ramps
+    and trace gaps all shrink together). Lengths and counts are unchanged."""
+    from dataclasses import replace
+
+    arrivals = workload.arrivals
+    params = dict(arrivals.params)
+    for key in RATE_KEYS[arrivals.kind]:
+        value = params[key]
+        params[key] = [v * factor for v in value] if isinstance(value, list) else value * factor
+    if arrivals.kind in ("step", "ramp", "bursty", "diurnal"):
+        for key in ("durations_s", "mean_durations_s", "duration_s", "period_s", "phase_s"):
+            if key in params:  # time structure shrinks with the gaps, so the shape is the same
+                value = params[key]
+                params[key] = [v / factor for v in value] if isinstance(value, list) else value / factor
+    duration = workload.duration_s / factor if workload.duration_s is not None else None
+    return replace(workload, arrivals=replace(arrivals, params=params), duration_s=duration)
+
+
+def offered_rate(trace: Trace) -> float:
+    """Mean arrival rate of a generated stream (requests per second)."""
+    span = float(trace.arrived_at[-1] - trace.arrived_at[0])
+    return (len(trace) - 1) / span if span > 0 else float("inf")

@@ -34,6 +34,7 @@ def check_invariants(run, frame: pd.DataFrame, summary: dict, scenario: dict) ->
 @given(
     policy=st.sampled_from(["static", "dynamic", "continuous"]),
     chunked=st.booleans(),
+    padded=st.booleans(),
     replicas=st.integers(1, 3),
     rate=st.floats(0.5, 200.0),
     kv_tokens=st.integers(600, 20_000),
@@ -43,11 +44,12 @@ def check_invariants(run, frame: pd.DataFrame, summary: dict, scenario: dict) ->
     seed=st.integers(0, 2**16),
 )
 def test_random_scenarios_keep_invariants_and_jumps_change_nothing(
-        write_profile, write_scenario, policy, chunked, replicas, rate, kv_tokens, max_seqs, budget, router, seed):
+        write_profile, write_scenario, policy, chunked, padded, replicas, rate, kv_tokens, max_seqs, budget, router, seed):
     profile = write_profile(prefill=lambda b, p: 0.003 + 2e-6 * b * p, decode=lambda b, c: 0.002 + 1e-4 * b + 1e-8 * b * c)
     batching = {"policy": policy}
     if policy == "continuous":
-        batching |= {"max_num_seqs": max_seqs, "max_batched_tokens": budget, "chunked_prefill": chunked}
+        batching |= {"max_num_seqs": max_seqs, "max_batched_tokens": budget, "chunked_prefill": chunked,
+                     "kv_layout": "padded" if padded and not chunked else "paged"}
     else:
         batching |= {"max_batch_size": max_seqs}
         if policy == "dynamic":

@@ -1,0 +1,197 @@
+"""The live engine: a scenario's requests through the real model, on the wall clock.
+
+It drives the very scheduler objects the simulator drives (sim.scheduler), so a validation
+compares the cost model with reality and not two implementations of batching. Each Step the
+scheduler forms is executed as real forward passes of a transformers model:
+
+- one padded KV cache for the batch (left padding, as HF `generate` and TGI v1 keep it);
+- a prefill step pads its prompts to the longest and runs them as one batch with logits for the
+  last position only; its new rows join the running cache between steps (continuous batching)
+  or start a new one (static and dynamic batching);
+- a decode step feeds one token per row; rows leave the cache when their request finishes,
+  except in a static or dynamic batch, whose finished rows are computed until the batch ends.
+
+Output lengths are forced (no EOS): token ids are random, as the weights are, since neither
+changes what a pass costs. Requests arrive by the trace's times on the wall clock.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sim.request import Request
+from sim.simulator import REJECT_REASONS, Outcome
+from sim.workload import Trace
+
+
+@dataclass
+class Batch:
+    """The KV cache of the requests now in a forward pass, one row each, left-padded."""
+
+    rows: list[Request]
+    cache: object  # transformers DynamicCache
+    mask: torch.Tensor  # (rows, cache length): 1 for a real token, 0 for padding
+
+
+class LiveEngine:
+    def __init__(self, model, device: torch.device):
+        self.model, self.device = model, device
+        self.vocab = model.config.vocab_size
+        self.batch: Batch | None = None
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _ids(self, b: int, n: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab, (b, n), device=self.device)
+
+    def warm_up(self) -> None:
+        with torch.inference_mode():
+            for b, n in ((1, 16), (2, 64), (4, 128)):
+                out = self.model(input_ids=self._ids(b, n), use_cache=True, logits_to_keep=1)
+                self.model(input_ids=self._ids(b, 1), past_key_values=out.past_key_values, use_cache=True)
+        self.sync()
+
+    def run_step(self, step) -> None:
+        """Execute one scheduler Step as a real forward pass."""
+        with torch.inference_mode():
+            if step.prefill:
+                self._prefill([r for r, _ in step.prefill], [c for _, c in step.prefill])
+            else:
+                self._decode()
+        self.sync()
+
+    def _prefill(self, reqs: list[Request], lengths: list[int]) -> None:
+        longest = max(lengths)
+        ids = self._ids(len(reqs), longest)
+        mask = torch.zeros(len(reqs), longest, dtype=torch.long, device=self.device)
+        for i, n in enumerate(lengths):
+            mask[i, longest - n:] = 1
+        padded = bool((mask == 0).any())
+        out = self.model(input_ids=ids, attention_mask=mask if padded else None, use_cache=True, logits_to_keep=1)
+        new = Batch(reqs, out.past_key_values, mask)
+        self.batch = new if self.batch is None else _concatenate(self.batch, new)
+
+    def _decode(self) -> None:
+        batch = self.batch
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        padded = bool((batch.mask == 0).any())
+        self.model(input_ids=self._ids(len(batch.rows), 1), attention_mask=batch.mask if padded else None,
+                   past_key_values=batch.cache, use_cache=True)
+
+    def keep(self, running: set[int]) -> None:
+        """Drop the rows of requests that left the batch, and padding no row needs any more."""
+        batch = self.batch
+        if batch is None:
+            return
+        keep = [i for i, r in enumerate(batch.rows) if r.id in running]
+        if not keep:
+            self.batch = None
+            return
+        if len(keep) < len(batch.rows):
+            index = torch.tensor(keep, device=self.device)
+            batch.rows = [batch.rows[i] for i in keep]
+            batch.mask = batch.mask.index_select(0, index)
+            for layer in batch.cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        used = int(batch.mask.sum(dim=1).max())
+        trim = batch.mask.shape[1] - used
+        if trim > 0:  # every row has at least `trim` columns of left padding
+            batch.mask = batch.mask[:, trim:]
+            for layer in batch.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, trim:], layer.values[:, :, trim:]
+
+
+def _concatenate(a: Batch, b: Batch) -> Batch:
+    """One batch of both, the shorter left-padded to the longer (TGI v1's Batch.concatenate)."""
+    length = max(a.mask.shape[1], b.mask.shape[1])
+
+    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = length - t.shape[dim]
+        if missing == 0:
+            return t
+        shape = list(t.shape)
+        shape[dim] = missing
+        return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        la.keys = torch.cat([pad(la.keys, 2), pad(lb.keys, 2)], dim=0)
+        la.values = torch.cat([pad(la.values, 2), pad(lb.values, 2)], dim=0)
+    return Batch(a.rows + b.rows, a.cache, torch.cat([pad(a.mask, 1), pad(b.mask, 1)], dim=0))
+
+
+def running_ids(scheduler) -> set[int]:
+    """Requests whose rows stay in the batch: a padded batch keeps every row until it ends."""
+    if hasattr(scheduler, "running"):
+        return set(scheduler.running)
+    return {r.id for r in scheduler.batch}
+
+
+def run_live(engine: LiveEngine, scheduler, trace: Trace, progress=None) -> Outcome:
+    """Release the trace's requests on the wall clock through `scheduler`, running every step
+    on the engine. Returns per-request times, in seconds from the first arrival's release."""
+    n = len(trace)
+    outcome = Outcome.empty(n)
+    times = trace.arrived_at.tolist()
+    prompt, output = trace.prompt_tokens.tolist(), trace.output_tokens.tolist()
+    done = released = 0
+    engine.batch = None
+    start = time.perf_counter()
+
+    def record(r: Request) -> None:
+        nonlocal done
+        outcome.scheduled_at[r.id], outcome.first_token_at[r.id] = r.scheduled_at, r.first_token_at
+        outcome.finished_at[r.id], outcome.preemptions[r.id] = r.finished_at, r.preemptions
+        outcome.rejected[r.id] = REJECT_REASONS.index(r.rejected)
+        outcome.worker[r.id] = outcome.replica[r.id] = 0 if not r.rejected else -1
+        done += 1
+        if progress is not None:
+            progress(done)
+
+    while done < n:
+        now = time.perf_counter() - start
+        while released < n and times[released] <= now:
+            req = Request(released, times[released], prompt[released], output[released])
+            if not scheduler.add(req):
+                record(req)
+            released += 1
+        if released == n:
+            scheduler.close()
+        step = scheduler.schedule(now)
+        if step is None:
+            wake = min(times[released] if released < n else math.inf, scheduler.wake_at)
+            assert wake < math.inf, "scheduler idle with requests outstanding"
+            time.sleep(max(wake - (time.perf_counter() - start), 0.0))
+            continue
+        engine.run_step(step)
+        for r in scheduler.postprocess(step, time.perf_counter() - start):
+            record(r)
+        engine.keep(running_ids(scheduler))
+    return outcome
+
+
+def build_for_profile(profile, mode_name: str, device: torch.device):
+    """The profile's model, in the profile's mode, on `device`."""
+    from profiler.measure import DTYPES
+    from profiler.models import build, lookup
+
+    mode = profile.modes[mode_name]
+    model = build(lookup(profile.model_name), DTYPES[mode.dtype], device)
+    if mode.compiled:
+        model = torch.compile(model, dynamic=True)
+    return model
+
+
+def outcome_as_trace_frame(trace: Trace, outcome: Outcome):
+    """The simulator's per-request frame for a live run (same columns, same code)."""
+    from sim.results import requests_frame
+    from sim.simulator import Run
+
+    run = Run(trace, outcome, {}, [], np.zeros(1, dtype=np.int64), 0.0, 0.0, math.inf, 0.0)
+    return requests_frame(run)

@@ -1,0 +1,280 @@
+"""`validate scenario.yaml`: run a scenario live on the real model and simulated, and compare.
+
+The live run releases the scenario's requests on the wall clock through the same scheduler
+objects the simulator uses, on the model and device the profile was measured on. The
+simulation replays the identical request list. Live runs are repeated to show the run-to-run
+noise beside the simulator's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from sim.cli_util import run_command
+from sim.errors import InputError
+
+METRICS = ("ttft_s", "tpot_s", "e2e_s")
+QUANTILES = (50, 90, 99)
+
+EPILOG = """
+examples:
+  validate scenarios/validation/steady.yaml --device cpu --loads 0.3,0.6,0.9
+  validate scenarios/validation/bursty.yaml --gpu 0 --runs 2
+
+--loads sets the offered load as fractions of the saturation throughput, which the simulator
+finds by flooding the deployment with the same request mix; without it the scenario's own
+rate is used. Writes validation.json and report.html (CDF overlays, per-request scatter).
+"""
+
+
+def check_scenario(scenario, profile, device_type: str):
+    """What the live engine can run: one worker, KV-cache mode, no autoscaler or caches."""
+    where = scenario.path
+    dep = scenario.deployment
+    problems = [
+        (dep.replicas != 1, "deployment.replicas", "validate runs one replica on one device: set it to 1"),
+        (dep.workers_per_gpu != 1, "deployment.workers_per_gpu", "validate runs one worker: set it to 1"),
+        (scenario.autoscaler is not None, "autoscaler", "validate runs a fixed deployment: remove it"),
+        (scenario.response_cache is not None, "response_cache", "the live engine has no response cache"),
+        (dep.batching.chunked_prefill, "deployment.batching.chunked_prefill", "the live engine has no chunked prefill"),
+        (dep.batching.prefix_caching, "deployment.batching.prefix_caching", "the live engine has no prefix cache"),
+        (profile.device_type != device_type, "deployment.profile",
+         f"profile {profile.name!r} was measured on {profile.device_type}, but this validation runs on {device_type}"),
+    ]
+    for bad, key, why in problems:
+        if bad:
+            raise InputError(f"{where}: {key}: {why}")
+    mode = profile.mode(dep.mode, f"{where}: deployment.mode")
+    if not mode.kv_cache:
+        raise InputError(f"{where}: deployment.mode: the live engine needs a KV-cache mode, not {mode.name!r}")
+    # The live engine keeps a padded cache: simulate the engine that is really running.
+    batching = replace(dep.batching, kv_layout="padded")
+    return replace(scenario, deployment=replace(dep, batching=batching))
+
+
+def percentiles(frame) -> dict:
+    out = {}
+    for m in METRICS:
+        v = frame[m].dropna().to_numpy()
+        out[m] = {f"p{q}": float(np.percentile(v, q)) if len(v) else None for q in QUANTILES}
+    done = frame["finished_at"].dropna()
+    out["throughput_rps"] = len(done) / float(done.max() - frame["arrived_at"].min())
+    return out
+
+
+def rel(a, b):
+    return None if a is None or b is None or b == 0 else (a - b) / b
+
+
+def compare(live: list[dict], sim: dict) -> dict:
+    """Simulated vs the mean of the live runs, with the live runs' spread as the noise floor."""
+    rows = {}
+    keys = [(m, f"p{q}") for m in METRICS for q in QUANTILES] + [("throughput_rps", None)]
+    for metric, q in keys:
+        pick = (lambda d: d[metric][q]) if q else (lambda d: d[metric])
+        lives = [pick(d) for d in live]
+        mean = float(np.mean(lives)) if None not in lives else None
+        noise = (max(lives) - min(lives)) / mean if mean and len(lives) > 1 else None
+        rows[f"{metric}.{q}" if q else metric] = {"live": lives, "live_mean": mean, "sim": pick(sim),
+                                                  "error": rel(pick(sim), mean), "noise": noise}
+    return rows
+
+
+def scenario_grid(scenario, trace):
+    """A profile grid covering exactly the shapes this scenario's batches can take."""
+    from profiler.measure import GridSpec
+
+    def powers(low: int, high: int) -> tuple[int, ...]:
+        out = [low]
+        while out[-1] < high:
+            out.append(out[-1] * 2)
+        return tuple(out)
+
+    b = scenario.deployment.batching
+    rows = b.max_num_seqs if b.policy == "continuous" else b.max_batch_size
+    longest = int(trace.prompt_tokens.max())
+    context = int((trace.prompt_tokens + trace.output_tokens).max())
+    return GridSpec(powers(1, rows), powers(16, longest), powers(1, rows), powers(32, context),
+                    warmup=2, repeats=3, max_point_s=0.3, concurrency_workers=(1,))
+
+
+def saturation_rps(scenario, profile, trace) -> float:
+    """Throughput of the simulated deployment when the same requests all queue at once."""
+    from sim.simulator import simulate
+    from sim.results import requests_frame
+    from sim.workload import Trace
+
+    flood = Trace(np.zeros(len(trace)), trace.prompt_tokens, trace.output_tokens)
+    frame = requests_frame(simulate(scenario, profile, flood))
+    return len(frame) / float(frame["finished_at"].max())
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="validate", description=__doc__.split(":", 1)[1].strip(), epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", type=Path)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--gpu", type=int, metavar="N", help="run live on this CUDA device")
+    where.add_argument("--device", choices=("cpu",), default="cpu", help="run live on the CPU (default)")
+    p.add_argument("--loads", help="comma-separated fractions of saturation, e.g. 0.3,0.6,0.9")
+    p.add_argument("--runs", type=int, default=2, help="live runs per load (default 2: shows the noise)")
+    p.add_argument("--requests", type=int, help="override workload.num_requests")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario value, e.g. --set deployment.replicas=4 "
+                        "--set 'deployment.batching={policy: dynamic, max_batch_size: 16}'")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: on a small machine, a second thread stalls every "
+                        "pass whenever another process takes its core)")
+    p.add_argument("--out", type=Path, help="output folder (default: results/validate-<scenario>)")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def run() -> int:
+        from calibration.profile import load as load_profile
+        from sim import scenario as scenario_mod, workload
+        from sim.files import atomic_folder
+        from sim.results import requests_frame
+        from sim.simulator import kv_capacity_per_worker, make_scheduler, simulate
+
+        if args.runs < 1:
+            raise InputError("--runs: must be at least 1")
+        try:
+            loads = [float(x) for x in args.loads.split(",")] if args.loads else [None]
+        except ValueError:
+            raise InputError(f"--loads: expected numbers like 0.3,0.6,0.9, got {args.loads!r}") from None
+        if any(x is not None and not 0 < x <= 2 for x in loads):
+            raise InputError("--loads: each load must be a fraction of saturation in (0, 2]")
+        scenario = scenario_mod.load(args.scenario, args.set)
+        if args.requests:
+            scenario = replace(scenario, workload=replace(scenario.workload, num_requests=args.requests))
+        profile = load_profile(scenario.deployment.profile)
+        from profiler.cli import pick_device
+
+        device = pick_device(argparse.Namespace(gpu=args.gpu, device=args.device))
+        scenario = check_scenario(scenario, profile, device.type)
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if device.type == "cpu":
+            from profiler.measure import reuse_cpu_memory
+
+            reuse_cpu_memory()  # the same allocator regime as `profile` measured in
+
+        from calibration.live_engine import LiveEngine, build_for_profile, outcome_as_trace_frame, run_live
+
+        log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+        log(f"building {profile.model_name} ({scenario.deployment.mode}) on {device} ...")
+        load_start = time.perf_counter()
+        model = build_for_profile(profile, scenario.deployment.mode, device)
+        model_load_s = time.perf_counter() - load_start
+        engine = LiveEngine(model, device)
+        engine.warm_up()
+        base = workload.generate(scenario.workload, scenario.seed)
+        # The device's speed drifts (on a shared VM by tens of percent over a minute), so each
+        # load's simulation is priced by a profile of the scenario's shapes swept before, between
+        # and after its live runs: the profile and the live runs see the same device. The shipped
+        # profile's prediction is reported beside it.
+        from calibration.profile import parse as parse_profile
+        from profiler.cli import device_info, profile_record
+        from profiler.measure import Bench, GridSamples, ModeSpec, device_peaks, mode_record
+
+        mode_spec = ModeSpec.parse(scenario.deployment.mode)
+        grid = replace(scenario_grid(scenario, base), passes=args.runs + 1)
+        bench = Bench(model, device, mode_spec, grid)
+        peaks = device_peaks(device, [mode_spec.dtype])
+        info = device_info(device) | {"copy_bytes_per_s": peaks["copy_bytes_per_s"]}
+
+        def profile_of(samples: GridSamples) -> tuple[dict, object]:
+            modes = {mode_spec.name: mode_record(bench, samples.summary(), peaks["matmul_flops"].get(mode_spec.dtype))}
+            raw = profile_record(model, profile.model_name, model_load_s, info, modes, grid,
+                                 f"{profile.name}-validate", "validate: swept before, between and after the live runs")
+            return raw, parse_profile(raw, "in-process profile")
+
+        def swept(samples: GridSamples) -> GridSamples:
+            log(f"  sweeping the profile grid ({samples.points()} points) ...")
+            samples.sweep()
+            return samples
+
+        _, first = profile_of(swept(GridSamples(bench, grid)))
+        capacity = saturation_rps(scenario, first, base) if args.loads else None
+        kv_capacity = kv_capacity_per_worker(scenario, first)
+        cases, frames, profiles = [], {}, {}
+        for load in loads:
+            factor = 1.0 if load is None else load * capacity / workload.offered_rate(base)
+            trace = workload.generate(workload.scale_rate(scenario.workload, factor), scenario.seed)
+            label = "as given" if load is None else f"{load:.0%}"
+            samples = swept(GridSamples(bench, grid))
+            live_stats, live_frames = [], []
+            for i in range(args.runs):
+                log(f"load {label}: live run {i + 1}/{args.runs} of {len(trace)} requests "
+                    f"({workload.offered_rate(trace):.2f} req/s) ...")
+                t0 = time.perf_counter()
+                outcome = run_live(engine, make_scheduler(scenario, kv_capacity), trace)
+                live_frames.append(outcome_as_trace_frame(trace, outcome))
+                live_stats.append(percentiles(live_frames[-1]))
+                log(f"  took {time.perf_counter() - t0:.1f} s")
+                swept(samples)
+            profiles[label], fresh = profile_of(samples)
+            sim_frame = requests_frame(simulate(scenario, fresh, trace))
+            shipped_frame = requests_frame(simulate(scenario, profile, trace))
+            case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
+                    "live": live_stats, "sim": percentiles(sim_frame), "sim_shipped": percentiles(shipped_frame)}
+            case["comparison"] = compare(live_stats, case["sim"])
+            case["comparison_shipped"] = compare(live_stats, case["sim_shipped"])
+            cases.append(case)
+            frames[label] = (live_frames[0], sim_frame)
+        result = {
+            "scenario": scenario.name, "policy": scenario.deployment.batching.policy,
+            "profile": profile.name, "mode": scenario.deployment.mode, "device": str(device),
+            "torch": torch.__version__, "saturation_rps": capacity, "runs": args.runs,
+            "command": "validate " + " ".join(sys.argv[1:] if argv is None else argv), "cases": cases,
+        }
+        out = args.out or Path("results") / f"validate-{scenario.name}"
+        from reports.validation_report import write_validation_report
+
+        with atomic_folder(out) as tmp:
+            (tmp / "validation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            for label, raw in profiles.items():
+                name = "profile.json" if label == "as given" else f"profile-{label.rstrip('%')}.json"
+                (tmp / name).write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            write_validation_report(result, frames, tmp / "report.html")
+        print(table(result))
+        print(f"\nwrote {out}/validation.json and {out}/report.html")
+        return 0
+
+    return run_command(run)
+
+
+def table(result: dict) -> str:
+    lines = [f"validation: {result['scenario']} ({result['policy']} batching, {result['profile']} / "
+             f"{result['mode']}, {result['device']})", "",
+             f"{'load':<9}{'metric':<16}{'live':>11}{'sim':>11}{'error':>9}{'live noise':>12}"
+             f"{'shipped-profile sim':>21}{'error':>9}"]
+    for case in result["cases"]:
+        for key, row in case["comparison"].items():
+            if key.endswith("p99"):
+                continue
+            shipped = case["comparison_shipped"][key]
+            unit = 1 if key == "throughput_rps" else 1000
+            fmt = (lambda v: "-" if v is None else f"{v * unit:,.1f}")
+            pct = (lambda v: "-" if v is None else f"{v:+.1%}")
+            label = key.replace("_s.", " ").replace("_rps", " req/s") + ("" if key == "throughput_rps" else " ms")
+            lines.append(f"{case['load']:<9}{label:<16}{fmt(row['live_mean']):>11}{fmt(row['sim']):>11}"
+                         f"{pct(row['error']):>9}{pct(row['noise']):>12}{fmt(shipped['sim']):>21}"
+                         f"{pct(shipped['error']):>9}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

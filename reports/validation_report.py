@@ -1,0 +1,51 @@
+"""The validation report: live vs simulated latency distributions and per-request agreement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from reports.html import figure, page, table
+
+METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))
+
+
+def _cdf(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    v = np.sort(v[~np.isnan(v)])
+    return v, np.arange(1, len(v) + 1) / max(len(v), 1)
+
+
+def write_validation_report(result: dict, frames: dict, path: Path) -> None:
+    rows = []
+    for case in result["cases"]:
+        for key, r in case["comparison"].items():
+            unit, suffix = (1, " req/s") if key == "throughput_rps" else (1000, " ms")
+            fmt = lambda v: "-" if v is None else f"{v * unit:,.1f}{suffix}"  # noqa: E731
+            rows.append([case["load"], key, fmt(r["live_mean"]), fmt(r["sim"]),
+                         "-" if r["error"] is None else f"{r['error']:+.1%}",
+                         "-" if r["noise"] is None else f"{r['noise']:.1%}"])
+    sections = ["<h2>Live vs simulated</h2>",
+                table(["load", "metric", "live (mean of runs)", "simulated", "error", "live run-to-run"], rows)]
+    for i, (label, (live, sim)) in enumerate(frames.items()):
+        fig = make_subplots(rows=1, cols=4, subplot_titles=[m for _, m in METRICS] + ["E2E per request"])
+        for col, (key, name) in enumerate(METRICS, start=1):
+            for frame, who, dash in ((live, "live", None), (sim, "simulated", "dash")):
+                x, y = _cdf(frame[key].to_numpy(float))
+                fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"{who}", line_dash=dash,
+                                         legendgroup=who, showlegend=col == 1), row=1, col=col)
+        e_live, e_sim = live["e2e_s"].to_numpy(float), sim["e2e_s"].to_numpy(float)
+        fig.add_trace(go.Scatter(x=e_live, y=e_sim, mode="markers", marker_size=4, name="request",
+                                 showlegend=False), row=1, col=4)
+        top = float(np.nanmax([np.nanmax(e_live), np.nanmax(e_sim)]))
+        fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line_dash="dot", showlegend=False),
+                      row=1, col=4)
+        fig.update_xaxes(title_text="live E2E (s)", row=1, col=4)
+        fig.update_yaxes(title_text="simulated E2E (s)", row=1, col=4)
+        fig.update_layout(title=f"load {label}: CDFs (seconds) and per-request E2E")
+        sections.append(figure(fig, f"case{i}", 360))
+    subtitle = (f"{result['policy']} batching · profile {result['profile']} / {result['mode']} · "
+                f"{result['device']} · torch {result['torch']} · {result['runs']} live runs per load")
+    page(f"servesim validation: {result['scenario']}", subtitle, sections, path)

@@ -1,0 +1,363 @@
+"""`plan plan.yaml`: which deployment serves this traffic within the SLO, and at what cost.
+
+A plan names a base scenario (its workload shape is kept), the knobs to search and the SLO.
+Every combination of the `search` values, crossed with every `hardware` entry (a profile, a
+mode and its price per GPU-hour), is one configuration. For each, the planner either finds the
+highest request rate that meets the SLO (bisection over load) or, given `target_rps`, the
+fewest replicas that meet it. Configurations run in parallel: a local process pool, or a Dask
+cluster (`--scheduler tcp://host:8786`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import sys
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sim.cli_util import run_command
+from sim.errors import InputError
+from sim.fields import Fields
+
+EPILOG = """
+examples:
+  plan scenarios/experiments/capacity.yaml                 find each configuration's max rate
+  plan my-plan.yaml --workers 2 --out results/my-plan
+  plan my-plan.yaml --scheduler tcp://10.0.0.5:8786        run on a Dask cluster
+
+a plan file:
+  base: ../steady.yaml                  # scenario whose workload shape is kept
+  target_rps: 12                        # omit to find each configuration's maximum
+  max_replicas: 16                      # target mode: the largest deployment to try
+  slo: {ttft: {max_s: 1.0, percentile: 95}}        # default: the base scenario's
+  search:                               # every combination is a configuration
+    deployment.batching:
+      - {policy: continuous, max_num_seqs: 32}
+      - {policy: dynamic, max_batch_size: 8, max_wait_ms: 50}
+    deployment.replicas: [1, 2]
+  hardware:                             # each crossed with the search grid
+    - {name: cpu-fp32, profile: cpu-gpt2-tiny, mode: fp32, usd_per_gpu_hour: 2.5}
+"""
+
+BISECTION_STEPS = 7
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    scenario: Any  # sim.scenario.Scenario
+    profile: Any  # calibration.profile.Profile
+    usd_per_gpu_hour: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    path: str
+    configs: list[Config]
+    target_rps: float | None
+    max_replicas: int
+
+
+def _label(key: str, value: Any) -> str:
+    if isinstance(value, dict):
+        inner = ",".join(f"{k}={v}" for k, v in value.items())
+        return f"{key.split('.')[-1]}({inner})"
+    return f"{key.split('.')[-1]}={value}"
+
+
+def load_plan(path: Path) -> Plan:
+    from calibration.profile import load as load_profile, resolve
+    from sim import scenario as scenario_mod
+
+    file = str(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InputError(f"{file}: cannot read plan: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise InputError(f"{file}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    top = Fields(data, file)
+    base_path = path.parent / top.str("base")
+    try:
+        base = yaml.safe_load(base_path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        top.fail(f"cannot read the base scenario {str(base_path)!r}", "base")
+    target = top.num("target_rps", None, positive=True)
+    max_replicas = top.num("max_replicas", 16, integer=True, low=1)
+    slo = top.raw("slo", None)
+    search = top.section("search")
+    axes: list[tuple[str, list]] = []
+    if search is not None:
+        for key in search.data:
+            values = search.raw(key)
+            if not isinstance(values, list) or not values:
+                search.fail("must be a non-empty list of values to try", key)
+            if target is not None and key == "deployment.replicas":
+                search.fail("with target_rps the planner searches replicas itself: remove this key", key)
+            axes.append((key, values))
+    hardware = top.raw("hardware", None)
+    if hardware is not None and (not isinstance(hardware, list) or not hardware):
+        top.fail("must be a non-empty list of {profile, mode, usd_per_gpu_hour}", "hardware")
+    name = top.str("name", path.stem)
+    top.done()
+
+    entries = []
+    for i, item in enumerate(hardware or [None]):
+        if item is None:
+            entries.append(("", {}, None))
+            continue
+        h = Fields(item, file, f"hardware[{i}]")
+        profile_name, mode = h.str("profile"), h.str("mode")
+        price = h.num("usd_per_gpu_hour", low=0)
+        label = h.str("name", f"{profile_name}/{mode}")
+        h.done()
+        try:
+            resolve(profile_name, path.parent)
+        except InputError as e:
+            h.fail(str(e), "profile")
+        entries.append((label, {"deployment.profile": str(resolve(profile_name, path.parent)),
+                                "deployment.mode": mode}, price))
+
+    configs = []
+    profiles: dict[str, Any] = {}
+    for (hw_label, hw_set, price), combo in itertools.product(entries, itertools.product(*[v for _, v in axes])):
+        raw = copy.deepcopy(base)
+        overrides = dict(zip((k for k, _ in axes), combo)) | hw_set
+        for key, value in overrides.items():
+            scenario_mod.apply_overrides(raw, [f"{key}={json.dumps(value)}"], file)
+        if slo is not None:
+            raw["slo"] = slo
+        label = " ".join([hw_label] * bool(hw_label) + [_label(k, v) for k, v in zip((k for k, _ in axes), combo)])
+        label = label or "base"
+        try:
+            scenario = scenario_mod.parse(raw, f"{file} [{label}]", base_path.parent)
+        except InputError as e:
+            raise InputError(f"configuration {label!r}: {e}") from None
+        if not scenario.slo:
+            raise InputError(f"{file}: slo: the plan needs an SLO (here or in the base scenario)")
+        key = str(scenario.deployment.profile)
+        profiles.setdefault(key, load_profile(key))
+        configs.append(Config(label, scenario, profiles[key],
+                              price if price is not None else scenario.usd_per_gpu_hour))
+    if not configs:
+        raise InputError(f"{file}: search: the search space is empty")
+    return Plan(name, file, configs, target, max_replicas)
+
+
+# --- evaluation (runs in worker processes: everything it needs travels in its arguments) -------
+
+
+def _measure(config: Config, factor: float, replicas: int | None = None) -> dict:
+    """Simulate the configuration with its workload offered `factor` times as fast."""
+    from sim import results, workload
+    from sim.simulator import simulate
+
+    scenario = config.scenario
+    deployment = scenario.deployment if replicas is None else replace(scenario.deployment, replicas=replicas)
+    scenario = replace(scenario, deployment=deployment, workload=workload.scale_rate(scenario.workload, factor),
+                       usd_per_gpu_hour=config.usd_per_gpu_hour)
+    trace = workload.generate(scenario.workload, scenario.seed)
+    run = simulate(scenario, config.profile, trace)
+    frame = results.requests_frame(run)
+    s = results.summarise(run, scenario, frame)
+    return {"offered_rps": workload.offered_rate(trace), "replicas": deployment.replicas,
+            "throughput_rps": s["throughput_rps"], "slo_met": s["slo_met"], "slo": s["slo"],
+            "usd_per_million_output_tokens": s["usd_per_million_output_tokens"],
+            "ttft_p95_s": s["ttft_s"]["p95"], "e2e_p95_s": s["e2e_s"]["p95"], "tpot_p95_s": s["tpot_s"]["p95"]}
+
+
+def _base_rate(config: Config) -> float:
+    from sim import workload
+
+    return workload.offered_rate(workload.generate(config.scenario.workload, config.scenario.seed))
+
+
+def _miss(point: dict) -> float:
+    """How far the worst SLO metric is above its bound (negative: within it)."""
+    return max(t["value_s"] / t["max_s"] - 1 if t["value_s"] is not None else math.inf for t in point["slo"].values())
+
+
+def _infeasible(result: dict, curve: list[dict]) -> dict:
+    closest = min(curve, key=_miss)
+    return result | {"feasible": False, "miss": _miss(closest), "closest": closest}
+
+
+def find_max_rate(config: Config) -> dict:
+    """The highest offered rate meeting the SLO, by bisection below the saturation throughput."""
+    base = _base_rate(config)
+    flood = _measure(config, 1000.0)  # everything queues at once: the saturation throughput
+    saturation = flood["throughput_rps"]
+    probe = _measure(config, 0.05 * saturation / base)  # a light load
+    curve = [flood, probe]
+    replicas = config.scenario.deployment.replicas
+    result = {"config": config.name, "saturation_rps": saturation, "curve": curve,
+              "usd_per_gpu_hour": config.usd_per_gpu_hour, "replicas": replicas}
+    if not probe["slo_met"]:
+        return _infeasible(result | {"max_rps": 0.0}, curve)
+    lo, hi, best = 0.05 * saturation, saturation, probe
+    for _ in range(BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        point = _measure(config, mid / base)
+        curve.append(point)
+        if point["slo_met"]:
+            lo, best = mid, point
+        else:
+            hi = mid
+    curve.sort(key=lambda p: p["offered_rps"])
+    dollars_per_hour = replicas * config.usd_per_gpu_hour
+    return result | {"feasible": True, "max_rps": best["offered_rps"], "at_max": best,
+                     "requests_per_dollar": best["offered_rps"] * 3600 / dollars_per_hour
+                     if dollars_per_hour else math.inf}
+
+
+def min_replicas(config: Config, target_rps: float, max_replicas: int) -> dict:
+    """The fewest replicas that meet the SLO at the target rate (binary search)."""
+    factor = target_rps / _base_rate(config)
+    curve, lo, hi, best = [], 1, max_replicas, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        point = _measure(config, factor, mid)
+        curve.append(point)
+        if point["slo_met"]:
+            best, hi = point, mid - 1
+        else:
+            lo = mid + 1
+    curve.sort(key=lambda p: p["replicas"])
+    result = {"config": config.name, "curve": curve, "usd_per_gpu_hour": config.usd_per_gpu_hour,
+              "target_rps": target_rps}
+    if best is None:
+        return _infeasible(result, curve)
+    return result | {"feasible": True, "replicas": best["replicas"], "at_target": best,
+                     "usd_per_hour": best["replicas"] * config.usd_per_gpu_hour}
+
+
+def evaluate(config: Config, target_rps: float | None, max_replicas: int) -> dict:
+    return find_max_rate(config) if target_rps is None else min_replicas(config, target_rps, max_replicas)
+
+
+# --- decisions ----------------------------------------------------------------------------------
+
+
+def operating_point(r: dict) -> dict | None:
+    return r.get("at_max") or r.get("at_target")
+
+
+def pareto(results: list[dict]) -> list[str]:
+    """Configurations no other beats on both cost per 1M output tokens and p95 E2E latency."""
+    points = [(r["config"], p["usd_per_million_output_tokens"] or 0.0, p["e2e_p95_s"])
+              for r in results if (p := operating_point(r)) is not None]
+    return [name for name, c, l in points
+            if not any((c2 <= c and l2 <= l) and (c2 < c or l2 < l) for _, c2, l2 in points)]
+
+
+def recommend(results: list[dict], target_rps: float | None) -> dict | None:
+    feasible = [r for r in results if r["feasible"]]
+    if not feasible:
+        return None
+    if target_rps is None:  # most requests per dollar at the highest load that meets the SLO
+        best = max(feasible, key=lambda r: (r["requests_per_dollar"], r["max_rps"]))
+        why = (f"serves up to {best['max_rps']:.2f} req/s within the SLO, "
+               f"{best['requests_per_dollar']:,.0f} requests per dollar")
+    else:  # the cheapest deployment that meets the target
+        best = min(feasible, key=lambda r: (r["usd_per_hour"], -(r["at_target"]["throughput_rps"])))
+        why = f"{best['replicas']} replicas at ${best['usd_per_hour']:.2f}/hour meet {target_rps:g} req/s"
+    slack = -_miss(operating_point(best))
+    return {"config": best["config"], "why": why, "slo_margin": slack}
+
+
+def run_plan(plan: Plan, executor: Executor) -> list[dict]:
+    futures = [executor.submit(evaluate, c, plan.target_rps, plan.max_replicas) for c in plan.configs]
+    return [f.result() for f in futures]
+
+
+def table(plan: Plan, results: list[dict], rec: dict | None, front: list[str]) -> str:
+    lines = [f"plan: {plan.name} ({len(plan.configs)} configurations, "
+             + ("finding each one's maximum rate)" if plan.target_rps is None else f"target {plan.target_rps:g} req/s)"),
+             ""]
+    if plan.target_rps is None:
+        lines.append(f"{'configuration':<58}{'max req/s':>10}{'$/1M tok':>10}{'req/$':>10}{'p95 E2E':>10}")
+        for r in results:
+            p = r.get("at_max")
+            mark = "*" if r["config"] in front else " "
+            if p is None:
+                lines.append(f"{mark}{r['config']:<57}{'none':>10}   misses the SLO by {r['miss']:.0%}")
+            else:
+                lines.append(f"{mark}{r['config']:<57}{r['max_rps']:>10.2f}{p['usd_per_million_output_tokens'] or 0:>10.3f}"
+                             f"{r['requests_per_dollar']:>10,.0f}{p['e2e_p95_s']:>10.2f}")
+    else:
+        lines.append(f"{'configuration':<58}{'replicas':>9}{'$/hour':>9}{'$/1M tok':>10}{'p95 E2E':>10}")
+        for r in results:
+            p = r.get("at_target")
+            mark = "*" if r["config"] in front else " "
+            if p is None:
+                lines.append(f"{mark}{r['config']:<57}{'>' + str(plan.max_replicas):>9}   misses the SLO by {r['miss']:.0%}")
+            else:
+                lines.append(f"{mark}{r['config']:<57}{r['replicas']:>9}{r['usd_per_hour']:>9.2f}"
+                             f"{p['usd_per_million_output_tokens'] or 0:>10.3f}{p['e2e_p95_s']:>10.2f}")
+    lines.append("\n* on the Pareto front of cost per 1M output tokens vs p95 E2E latency")
+    if rec:
+        lines.append(f"recommended: {rec['config']} — {rec['why']}; worst SLO metric {rec['slo_margin']:.0%} under its bound")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="plan", description=__doc__.split(":", 1)[1].strip(), epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("plan", type=Path, help="plan YAML file")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local processes (default: all cores)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="a Dask scheduler address: run the configurations there")
+    p.add_argument("--out", type=Path, help="results folder (default: results/plan-<name>)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    def run() -> int:
+        from reports.capacity_report import write_capacity_report
+        from sim.files import atomic_folder
+
+        plan = load_plan(args.plan)
+        if args.scheduler:
+            from distributed import Client
+
+            try:
+                client = Client(args.scheduler, timeout=10)
+            except OSError as e:
+                raise InputError(f"--scheduler {args.scheduler}: cannot reach the Dask scheduler ({e})") from None
+            with client:
+                results = run_plan(plan, client.get_executor())
+        else:
+            with ProcessPoolExecutor(max_workers=max(1, min(args.workers, len(plan.configs)))) as pool:
+                results = run_plan(plan, pool)
+        front, rec = pareto(results), recommend(results, plan.target_rps)
+        summary = {"plan": plan.name, "target_rps": plan.target_rps, "results": results,
+                   "pareto": front, "recommendation": rec}
+        out = args.out or Path("results") / f"plan-{plan.name}"
+        with atomic_folder(out) as tmp:
+            (tmp / "plan.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            write_capacity_report(summary, tmp / "report.html")
+        print(table(plan, results, rec, front))
+        print(f"\nresults in {out}/ (plan.json, report.html)")
+        if rec is None:
+            closest = min(results, key=lambda r: r["miss"])
+            print(f"error: no configuration meets the SLO; the closest, {closest['config']}, misses it by "
+                  f"{closest['miss']:.0%}", file=sys.stderr)
+            return 1
+        return 0
+
+    return run_command(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The capacity planner: search, decisions, bad plans, and a real local Dask cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, base_scenario
+
+
+def write_plan(tmp_path, profile, plan: dict, base: dict | None = None):
+    base = base or base_scenario(profile, batching={"policy": "dynamic", "max_batch_size": 1, "max_wait_ms": 0})
+    base["workload"] |= {"num_requests": 400, "prompt_tokens": {"kind": "fixed", "value": 64},
+                         "output_tokens": {"kind": "fixed", "value": 1}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "base": "base.yaml"} | plan))
+    return path
+
+
+def run_plan(path, *extra):
+    out = path.parent / "out"
+    proc = subprocess.run([sys.executable, "-m", "sim.plan", str(path), "--out", str(out), "--workers", "2", *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else None
+    return proc, result
+
+
+def test_target_mode_finds_the_fewest_replicas(tmp_path, write_profile):
+    # Each request is one 0.1 s pass: one replica serves at most 10 req/s, so 15 req/s needs two.
+    profile = write_profile(prefill=lambda b, p: 0.1)
+    path = write_plan(tmp_path, profile, {"target_rps": 15, "max_replicas": 8,
+                                          "slo": {"e2e": {"max_s": 1.0, "percentile": 95}}})
+    proc, result = run_plan(path)
+    assert proc.returncode == 0, proc.stderr
+    (r,) = result["results"]
+    assert r["replicas"] == 2
+    assert {p["replicas"]: p["slo_met"] for p in r["curve"]}[1] is False
+
+
+def test_max_rate_scales_with_replicas_and_stays_below_saturation(tmp_path, write_profile):
+    profile = write_profile(prefill=lambda b, p: 0.1)
+    path = write_plan(tmp_path, profile, {"slo": {"e2e": {"max_s": 0.5, "percentile": 95}},
+                                          "search": {"deployment.replicas": [1, 2]}})
+    proc, result = run_plan(path)
+    assert proc.returncode == 0, proc.stderr
+    one, two = result["results"]
+    assert one["saturation_rps"] == pytest.approx(10, rel=0.05)
+    assert 0 < one["max_rps"] < one["saturation_rps"]
+    assert two["max_rps"] > 1.8 * one["max_rps"]
+    assert one["at_max"]["slo_met"] and result["recommendation"]["config"] in {one["config"], two["config"]}
+
+
+def test_unmeetable_slo_says_by_how_much(tmp_path, write_profile):
+    profile = write_profile(prefill=lambda b, p: 0.1)
+    path = write_plan(tmp_path, profile, {"slo": {"e2e": {"max_s": 0.05, "percentile": 95}}})
+    proc, result = run_plan(path)
+    assert proc.returncode == 1
+    assert "no configuration meets the SLO" in proc.stderr and "misses it by" in proc.stderr
+    assert result["recommendation"] is None
+
+
+@pytest.mark.parametrize("plan,message", [
+    ({"search": {"deployment.replicas": []}}, "search.deployment.replicas: must be a non-empty list"),
+    ({"target_rps": 5, "search": {"deployment.replicas": [1, 2]}}, "searches replicas itself"),
+    ({"hardware": [{"profile": "nope", "mode": "fp16", "usd_per_gpu_hour": 1}]}, "profile 'nope' not found"),
+    ({"search": {"deployment.batching": [{"policy": "warp"}]}}, "'warp' is not one of"),
+])
+def test_bad_plans_fail_clearly(tmp_path, write_profile, plan, message):
+    path = write_plan(tmp_path, write_profile(), {"slo": {"e2e": {"max_s": 1.0}}} | plan)
+    proc, _ = run_plan(path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert message in proc.stderr
+
+
+def test_a_real_local_dask_cluster_gives_the_same_answers(tmp_path, write_profile):
+    distributed = pytest.importorskip("distributed")
+    profile = write_profile(prefill=lambda b, p: 0.1)
+    path = write_plan(tmp_path, profile, {"slo": {"e2e": {"max_s": 0.5, "percentile": 95}},
+                                          "search": {"deployment.replicas": [1, 2]}})
+    _, local = run_plan(path)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        proc, remote = run_plan(path, "--scheduler", cluster.scheduler_address)
+    assert proc.returncode == 0, proc.stderr
+    assert remote == local
+
+
+def test_unreachable_scheduler_is_one_clear_line(tmp_path, write_profile):
+    path = write_plan(tmp_path, write_profile(), {"slo": {"e2e": {"max_s": 1.0}}})
+    proc, _ = run_plan(path, "--scheduler", "tcp://127.0.0.1:9")
+    assert proc.returncode == 2 and "cannot reach the Dask scheduler" in proc.stderr

@@ -1,0 +1,83 @@
+"""Every kind of report opens in a real browser, renders its plots, and raises no JS error."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--virtual-time-budget=8000", "--enable-logging=stderr", "--v=0"]
+
+
+def open_in_browser(html: Path, screenshot: Path) -> tuple[str, str]:
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/run installs Debian's chromium package")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    profile = tempfile.mkdtemp()
+    common = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}"]
+    dom = subprocess.run([*common, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120)
+    subprocess.run([*common, "--window-size=1280,2400", f"--screenshot={screenshot}", html.as_uri()],
+                   capture_output=True, text=True, timeout=120)
+    shutil.rmtree(profile, ignore_errors=True)
+    return dom.stdout, dom.stderr
+
+
+def check(html: Path, tmp_path: Path) -> None:
+    figures = len(re.findall(r'<div id="[a-z_0-9]+" class="plotly-graph-div"', html.read_text()))
+    assert figures > 0
+    shot = tmp_path / (html.parent.name + ".png")
+    dom, log = open_in_browser(html, shot)
+    assert "Uncaught" not in log and "SyntaxError" not in log, log
+    rendered = dom.count('class="main-svg"')
+    assert rendered >= figures, f"{rendered} plots rendered of {figures}"
+    assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_run_report_renders(tmp_path):
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "sim.cli", "scenarios/bursty.yaml", "--out", str(out), "--quiet"],
+                   check=True, cwd=ROOT, capture_output=True)
+    check(out / "report.html", tmp_path)
+
+
+def test_rebuilt_report_matches(tmp_path):
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "sim.cli", "scenarios/steady.yaml", "--out", str(out), "--quiet"],
+                   check=True, cwd=ROOT, capture_output=True)
+    first = (out / "report.html").read_bytes()
+    subprocess.run([sys.executable, "-m", "reports.cli", str(out)], check=True, cwd=ROOT, capture_output=True)
+    assert (out / "report.html").read_bytes() == first
+
+
+def test_profile_report_renders(tmp_path):
+    from calibration.profile import load
+    from reports.profile_report import write_report
+
+    html = tmp_path / "profile" / "report.html"
+    html.parent.mkdir()
+    write_report(load(ROOT / "calibration/profiles/cpu-gpt2-tiny.json"), html)
+    check(html, tmp_path)
+
+
+def test_capacity_report_renders(tmp_path):
+    out = tmp_path / "plan"
+    proc = subprocess.run([sys.executable, "-m", "sim.plan", "scenarios/experiments/capacity.yaml", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    check(out / "report.html", tmp_path)
+
+
+def test_validation_report_renders(validation_run, tmp_path):
+    check(validation_run / "report.html", tmp_path)
