@@ -54,7 +54,7 @@ def main() -> None:
         t1 = time.perf_counter()
         run = simulate(scenario, load_profile(scenario.deployment.profile), trace)  # timed
         t2 = time.perf_counter()
-        frame = results.requests_frame(run)
+        frame = results.requests_frame(trace, run.outcome)
         summary = results.summarise(run, scenario, frame)
         t3 = time.perf_counter()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

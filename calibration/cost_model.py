@@ -113,18 +113,19 @@ class Surface:
 
     def run_sum(self, b: int, start: float, n: int) -> float:
         """Sum of the surface at x = start, start + 1, ..., start + n - 1, in closed form."""
+        pieces, end = self.pieces(b), start + n
         total = 0.0
-        for lo, hi, a, c, d in self.pieces(b):
-            j0 = 0 if lo == -math.inf else min(max(math.ceil(lo - start), 0), n)
-            j1 = n if hi == math.inf else min(max(math.ceil(hi - start), 0), n)
+        for lo, hi, a, c, d in pieces[bisect_right(self.knots, start):]:  # from the piece holding start
+            if lo >= end:
+                break
+            j0 = 0 if lo <= start else min(math.ceil(lo - start), n)
+            j1 = n if hi >= end else min(max(math.ceil(hi - start), 0), n)
             if j1 <= j0:
                 continue
             count = j1 - j0
             sum_j = (j1 * (j1 - 1) - j0 * (j0 - 1)) / 2
             sum_j2 = ((j1 - 1) * j1 * (2 * j1 - 1) - (j0 - 1) * j0 * (2 * j0 - 1)) / 6
-            sum_x = count * start + sum_j
-            sum_x2 = count * start * start + 2 * start * sum_j + sum_j2
-            total += a * count + c * sum_x + d * sum_x2
+            total += (a + c * start + d * start * start) * count + (c + 2 * d * start) * sum_j + d * sum_j2
         return max(total, 1e-12 * n)
 
     def many(self, b: int, x: np.ndarray) -> np.ndarray:
@@ -185,9 +186,18 @@ class CostModel:
         """Seconds of `repeat` consecutive decode steps, each adding one token per row."""
         return self.decode.run_sum(seqs, context_sum / seqs, repeat)
 
-    def decode_run_ends(self, seqs: int, context_sum: float, repeat: int) -> list[float]:
-        """End time of each step of such a run, from its start (needed only when a run is cut short)."""
-        return np.cumsum(self.decode.many(seqs, context_sum / seqs + np.arange(repeat))).tolist()
+    def decode_steps_done(self, seqs: int, context_sum: float, repeat: int, elapsed: float) -> int:
+        """How many steps of such a run have ended `elapsed` seconds after it began.
+
+        Step times change slowly along a run, so an estimate from the mean step time is off by a
+        step or two; closed-form sums then settle it exactly."""
+        mean, run = context_sum / seqs, self.decode.run_sum
+        n = min(int(elapsed / (run(seqs, mean, repeat) / repeat)), repeat)
+        while n > 0 and run(seqs, mean, n) > elapsed:
+            n -= 1
+        while n < repeat and run(seqs, mean, n + 1) <= elapsed:
+            n += 1
+        return n
 
     def step_time(self, step) -> float:
         """Seconds of one scheduler Step (see sim.scheduler)."""

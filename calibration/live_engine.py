@@ -21,7 +21,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from sim.request import Request
@@ -187,11 +186,3 @@ def build_for_profile(profile, mode_name: str, device: torch.device):
         model = torch.compile(model, dynamic=True)
     return model
 
-
-def outcome_as_trace_frame(trace: Trace, outcome: Outcome):
-    """The simulator's per-request frame for a live run (same columns, same code)."""
-    from sim.results import requests_frame
-    from sim.simulator import Run
-
-    run = Run(trace, outcome, {}, [], np.zeros(1, dtype=np.int64), 0.0, 0.0, math.inf, 0.0)
-    return requests_frame(run)

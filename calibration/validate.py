@@ -112,7 +112,7 @@ def saturation_rps(scenario, profile, trace) -> float:
     from sim.workload import Trace
 
     flood = Trace(np.zeros(len(trace)), trace.prompt_tokens, trace.output_tokens)
-    frame = requests_frame(simulate(scenario, profile, flood))
+    frame = requests_frame(flood, simulate(scenario, profile, flood).outcome)
     return len(frame) / float(frame["finished_at"].max())
 
 
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
 
             reuse_cpu_memory()  # the same allocator regime as `profile` measured in
 
-        from calibration.live_engine import LiveEngine, build_for_profile, outcome_as_trace_frame, run_live
+        from calibration.live_engine import LiveEngine, build_for_profile, run_live
 
         log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
         log(f"building {profile.model_name} ({scenario.deployment.mode}) on {device} ...")
@@ -221,13 +221,13 @@ def main(argv=None) -> int:
                     f"({workload.offered_rate(trace):.2f} req/s) ...")
                 t0 = time.perf_counter()
                 outcome = run_live(engine, make_scheduler(scenario, kv_capacity), trace)
-                live_frames.append(outcome_as_trace_frame(trace, outcome))
+                live_frames.append(requests_frame(trace, outcome))
                 live_stats.append(percentiles(live_frames[-1]))
                 log(f"  took {time.perf_counter() - t0:.1f} s")
                 swept(samples)
             profiles[label], fresh = profile_of(samples)
-            sim_frame = requests_frame(simulate(scenario, fresh, trace))
-            shipped_frame = requests_frame(simulate(scenario, profile, trace))
+            sim_frame = requests_frame(trace, simulate(scenario, fresh, trace).outcome)
+            shipped_frame = requests_frame(trace, simulate(scenario, profile, trace).outcome)
             case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
                     "live": live_stats, "sim": percentiles(sim_frame), "sim_shipped": percentiles(shipped_frame)}
             case["comparison"] = compare(live_stats, case["sim"])

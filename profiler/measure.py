@@ -208,11 +208,12 @@ def device_peaks(device: torch.device, dtypes: list[str]) -> dict:
             best = min(best, time.perf_counter() - start)
         return best
 
-    n_bytes = (1 << 30) if cuda else (1 << 28)
-    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    bandwidth = 2 * n_bytes / timed(lambda: dst.copy_(src), 5)
-    del src, dst
+    def copy_rate(n_bytes: int) -> float:  # its buffers are freed before the matmuls
+        src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+        dst = torch.empty_like(src)
+        return 2 * n_bytes / timed(lambda: dst.copy_(src), 5)
+
+    bandwidth = copy_rate((1 << 30) if cuda else (1 << 28))
     flops = {}
     for name in dtypes:
         if not cuda and name != "fp32":

@@ -25,7 +25,7 @@ def _latency_vs_load(results: list[dict], metric: str, bound: float | None, x_ke
 def _saturation(results: list[dict]) -> go.Figure:
     fig = go.Figure()
     for r in results:
-        pts = [p for p in r["curve"] if p["offered_rps"] < 10 * r.get("saturation_rps", float("inf"))]
+        pts = r["curve"]
         fig.add_trace(go.Scatter(x=[p["offered_rps"] for p in pts], y=[p["throughput_rps"] for p in pts],
                                  mode="lines+markers", name=r["config"]))
     fig.update_layout(title="throughput vs offered load: where adding load stops adding throughput",

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(total=len(trace), unit="req", disable=args.quiet or not sys.stderr.isatty(), leave=False)
         run_ = simulate(scenario, profile, trace, progress=lambda done: bar.update(done - bar.n))
         bar.close()
-        frame = results.requests_frame(run_)
+        frame = results.requests_frame(run_.trace, run_.outcome)
         summary = results.summarise(run_, scenario, frame)
         out = args.out or Path("results") / scenario.name
         results.write(out, run_, scenario, frame, summary, report=not args.no_report)

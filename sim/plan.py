@@ -69,13 +69,12 @@ class Plan:
 
 
 def _label(key: str, value: Any) -> str:
-    if isinstance(value, dict):
-        inner = ",".join(f"{k}={v}" for k, v in value.items())
-        return f"{key.split('.')[-1]}({inner})"
+    if isinstance(value, dict):  # e.g. a batching policy: its values, tersely
+        return " ".join(str(v) if k == "policy" else f"{k}={v}" for k, v in value.items())
     return f"{key.split('.')[-1]}={value}"
 
 
-def load_plan(path: Path) -> Plan:
+def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
     from calibration.profile import load as load_profile, resolve
     from sim import scenario as scenario_mod
 
@@ -86,6 +85,8 @@ def load_plan(path: Path) -> Plan:
         raise InputError(f"{file}: cannot read plan: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise InputError(f"{file}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if overrides:
+        data = scenario_mod.apply_overrides(data if isinstance(data, dict) else {}, list(overrides), file)
     top = Fields(data, file)
     base_path = path.parent / top.str("base")
     try:
@@ -168,7 +169,7 @@ def _measure(config: Config, factor: float, replicas: int | None = None) -> dict
                        usd_per_gpu_hour=config.usd_per_gpu_hour)
     trace = workload.generate(scenario.workload, scenario.seed)
     run = simulate(scenario, config.profile, trace)
-    frame = results.requests_frame(run)
+    frame = results.requests_frame(trace, run.outcome)
     s = results.summarise(run, scenario, frame)
     return {"offered_rps": workload.offered_rate(trace), "replicas": deployment.replicas,
             "throughput_rps": s["throughput_rps"], "slo_met": s["slo_met"], "slo": s["slo"],
@@ -198,7 +199,7 @@ def find_max_rate(config: Config) -> dict:
     flood = _measure(config, 1000.0)  # everything queues at once: the saturation throughput
     saturation = flood["throughput_rps"]
     probe = _measure(config, 0.05 * saturation / base)  # a light load
-    curve = [flood, probe]
+    curve = [probe]  # the loads actually offered (the flood only finds the saturation point)
     replicas = config.scenario.deployment.replicas
     result = {"config": config.name, "saturation_rps": saturation, "curve": curve,
               "usd_per_gpu_hour": config.usd_per_gpu_hour, "replicas": replicas}
@@ -281,29 +282,25 @@ def run_plan(plan: Plan, executor: Executor) -> list[dict]:
 
 
 def table(plan: Plan, results: list[dict], rec: dict | None, front: list[str]) -> str:
+    width = max(len(r["config"]) for r in results) + 2
     lines = [f"plan: {plan.name} ({len(plan.configs)} configurations, "
              + ("finding each one's maximum rate)" if plan.target_rps is None else f"target {plan.target_rps:g} req/s)"),
              ""]
     if plan.target_rps is None:
-        lines.append(f"{'configuration':<58}{'max req/s':>10}{'$/1M tok':>10}{'req/$':>10}{'p95 E2E':>10}")
-        for r in results:
-            p = r.get("at_max")
-            mark = "*" if r["config"] in front else " "
-            if p is None:
-                lines.append(f"{mark}{r['config']:<57}{'none':>10}   misses the SLO by {r['miss']:.0%}")
-            else:
-                lines.append(f"{mark}{r['config']:<57}{r['max_rps']:>10.2f}{p['usd_per_million_output_tokens'] or 0:>10.3f}"
-                             f"{r['requests_per_dollar']:>10,.0f}{p['e2e_p95_s']:>10.2f}")
+        lines.append(f"{'configuration':<{width}}{'max req/s':>10}{'$/1M tok':>10}{'req/$':>10}{'p95 E2E':>10}")
     else:
-        lines.append(f"{'configuration':<58}{'replicas':>9}{'$/hour':>9}{'$/1M tok':>10}{'p95 E2E':>10}")
-        for r in results:
-            p = r.get("at_target")
-            mark = "*" if r["config"] in front else " "
-            if p is None:
-                lines.append(f"{mark}{r['config']:<57}{'>' + str(plan.max_replicas):>9}   misses the SLO by {r['miss']:.0%}")
-            else:
-                lines.append(f"{mark}{r['config']:<57}{r['replicas']:>9}{r['usd_per_hour']:>9.2f}"
-                             f"{p['usd_per_million_output_tokens'] or 0:>10.3f}{p['e2e_p95_s']:>10.2f}")
+        lines.append(f"{'configuration':<{width}}{'replicas':>10}{'$/hour':>10}{'$/1M tok':>10}{'p95 E2E':>10}")
+    for r in results:
+        p = r.get("at_max") or r.get("at_target")
+        name = ("* " if r["config"] in front else "  ") + r["config"]
+        if p is None:
+            lines.append(f"{name:<{width}}{'none':>10}   misses the SLO by {r['miss']:.0%}")
+        elif plan.target_rps is None:
+            lines.append(f"{name:<{width}}{r['max_rps']:>10.2f}{p['usd_per_million_output_tokens'] or 0:>10.3f}"
+                         f"{r['requests_per_dollar']:>10,.0f}{p['e2e_p95_s']:>10.2f}")
+        else:
+            lines.append(f"{name:<{width}}{r['replicas']:>10}{r['usd_per_hour']:>10.2f}"
+                         f"{p['usd_per_million_output_tokens'] or 0:>10.3f}{p['e2e_p95_s']:>10.2f}")
     lines.append("\n* on the Pareto front of cost per 1M output tokens vs p95 E2E latency")
     if rec:
         lines.append(f"recommended: {rec['config']} — {rec['why']}; worst SLO metric {rec['slo_margin']:.0%} under its bound")
@@ -316,6 +313,8 @@ def parse_args(argv):
     p.add_argument("plan", type=Path, help="plan YAML file")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local processes (default: all cores)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="a Dask scheduler address: run the configurations there")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a plan value, e.g. --set target_rps=11")
     p.add_argument("--out", type=Path, help="results folder (default: results/plan-<name>)")
     return p.parse_args(argv)
 
@@ -327,7 +326,7 @@ def main(argv=None) -> int:
         from reports.capacity_report import write_capacity_report
         from sim.files import atomic_folder
 
-        plan = load_plan(args.plan)
+        plan = load_plan(args.plan, args.set)
         if args.scheduler:
             from distributed import Client
 

@@ -12,14 +12,14 @@ import pandas as pd
 
 from sim.files import atomic_folder
 from sim.scenario import Scenario
-from sim.simulator import REJECT_REASONS, Run
+from sim.simulator import REJECT_REASONS, Outcome, Run
+from sim.workload import Trace
 
 PERCENTILES = (50, 90, 95, 99)
 
 
-def requests_frame(run: Run) -> pd.DataFrame:
-    """One row per request, times in seconds from the start of the trace."""
-    t, o = run.trace, run.outcome
+def requests_frame(t: Trace, o: Outcome) -> pd.DataFrame:
+    """One row per request (of a simulated or a live run), times in seconds from the trace's start."""
     decode_steps = t.output_tokens - 1
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(decode_steps > 0, (o.finished_at - o.first_token_at) / decode_steps, np.nan)

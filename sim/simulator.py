@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-from bisect import bisect_right
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,7 +23,7 @@ from calibration.profile import Profile
 from sim.errors import InputError
 from sim.request import Request
 from sim.scenario import Scenario
-from sim.scheduler import ContinuousScheduler, PaddedBatchScheduler, Step
+from sim.scheduler import ContinuousScheduler, PaddedBatchScheduler
 from sim.workload import Trace
 
 REJECT_REASONS = ("", "kv_cache_too_small", "prompt_exceeds_max_batched_tokens")
@@ -142,9 +141,10 @@ class Worker:
                     yield env.timeout(elapsed)
                 except simpy.Interrupt:
                     # Something arrived mid-run: finish the step in progress, then reschedule.
-                    ends = cost.decode_run_ends(step.decode_seqs, step.decode_context, repeat)
-                    repeat = min(bisect_right(ends, (env.now - start) / slowdown) + 1, repeat)
-                    elapsed = ends[repeat - 1] * slowdown
+                    done = cost.decode_steps_done(step.decode_seqs, step.decode_context, repeat,
+                                                  (env.now - start) / slowdown)
+                    repeat = min(done + 1, repeat)
+                    elapsed = cost.decode_run(step.decode_seqs, step.decode_context, repeat) * slowdown
                     yield env.timeout(max(start + elapsed - env.now, 0.0))
                 self.wakeable = False
             sim.busy_s += elapsed

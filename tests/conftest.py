@@ -63,3 +63,18 @@ def base_scenario(profile: Path, **deployment) -> dict:
         "deployment": {"profile": str(profile), "mode": "fp16", "replicas": 1,
                        "batching": {"policy": "continuous"}, **deployment},
     }
+
+
+@pytest.fixture(scope="session")
+def validation_run(tmp_path_factory):
+    """One small live validation on the CPU (shared by the tests that need one): ~1 minute."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    out = tmp_path_factory.mktemp("validation") / "out"
+    proc = subprocess.run([sys.executable, "-m", "calibration.validate", "scenarios/validation/steady.yaml",
+                           "--requests", "40", "--loads", "0.5", "--runs", "2", "--out", str(out), "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    return out

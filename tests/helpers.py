@@ -13,5 +13,5 @@ def run_scenario(path: Path, jump: bool = True):
     scenario = scenario_mod.load(path)
     trace = workload.generate(scenario.workload, scenario.seed)
     run = simulate(scenario, load_profile(scenario.deployment.profile), trace, jump=jump)
-    frame = results.requests_frame(run)
+    frame = results.requests_frame(trace, run.outcome)
     return run, frame, results.summarise(run, scenario, frame)

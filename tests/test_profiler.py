@@ -1,0 +1,43 @@
+"""`profile --quick` on the tiny model: a real measurement, written as a loadable profile."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "cpu-tiny.json"
+    proc = subprocess.run([sys.executable, "-m", "profiler.cli", "--device", "cpu", "--model", "llama-tiny",
+                           "--quick", "--quiet", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    from calibration.profile import load
+
+    profile = load(out)
+    assert set(profile.modes) == {"fp32-nocache", "fp32"}
+    cached, baseline = profile.modes["fp32"], profile.modes["fp32-nocache"]
+    assert cached.kv_bytes_per_token == 4 * 2 * 2 * 64 * 4  # layers x (K,V) x kv heads x head dim x fp32
+    assert baseline.kv_bytes_per_token == 0 and cached.weights_bytes > 0
+    assert (cached.decode.seconds > 0).all() and (cached.prefill.seconds > 0).all()
+    assert profile.model_load_s > 0 and set(cached.concurrency) == {1, 2}
+    raw = json.loads(out.read_text())
+    assert raw["device"]["type"] == "cpu" and raw["device"]["copy_bytes_per_s"] > 0
+    assert (tmp_path / "cpu-tiny.html").stat().st_size > 100_000  # the Plotly report beside it
+
+
+def test_corrupt_profile_is_never_half_written(tmp_path):
+    from calibration.profile import save
+
+    target = tmp_path / "p.json"
+    target.write_text("old")
+    with pytest.raises(TypeError):
+        save({"bad": object()}, target)  # not JSON-serialisable: the old file must survive intact
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.json"]

@@ -1,0 +1,59 @@
+"""Live validation on the CPU: the simulator's prediction against the real model, honestly bounded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+# The CPU of a shared 2-core VM: two identical live runs differ by up to ~25% at times, and the
+# README's full matrix shows errors of that order. The bound is set to what the matrix measured,
+# not to a hope; a broken cost model or engine misses it by far (the shipped profile, measured
+# in another process, is often 40% off).
+BOUND = 0.35
+
+
+def test_small_cpu_validation_is_within_an_honest_bound(validation_run):
+    result = json.loads((validation_run / "validation.json").read_text())
+    (case,) = result["cases"]
+    assert case["requests"] == 40 and len(case["live"]) == 2
+    cmp = case["comparison"]
+    for key in ("ttft_s.p50", "e2e_s.p50", "throughput_rps"):
+        assert abs(cmp[key]["error"]) <= BOUND, (key, cmp[key])
+    profile = json.loads((validation_run / "profile-50.json").read_text())
+    assert profile["modes"]["fp32"]["decode"]["repeats"][0][0] >= 6  # swept before, between, after
+
+
+def test_validate_refuses_what_the_live_engine_cannot_run(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, "-m", "calibration.validate", "scenarios/bursty.yaml", "--out",
+                           str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "autoscaler: validate runs a fixed deployment" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_live_engine_runs_every_policy_and_forces_output_lengths():
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from calibration.live_engine import LiveEngine, run_live
+    from profiler.measure import DTYPES
+    from profiler.models import MODELS, build
+    from sim.scheduler import ContinuousScheduler, PaddedBatchScheduler
+    from sim.workload import Trace
+
+    model = build(MODELS["gpt2-tiny"], DTYPES["fp32"], torch.device("cpu"))
+    engine = LiveEngine(model, torch.device("cpu"))
+    trace = Trace(np.linspace(0, 0.05, 6), np.array([5, 9, 3, 12, 7, 4]), np.array([3, 1, 6, 2, 5, 4]))
+    for scheduler in (ContinuousScheduler(4, 64, 10_000, padded=True), PaddedBatchScheduler(3, 10_000, 0.01),
+                      PaddedBatchScheduler(3, 10_000, None)):
+        out = run_live(engine, scheduler, trace)
+        assert np.isfinite(out.finished_at).all()
+        assert (out.first_token_at >= out.scheduled_at).all() and (out.finished_at >= out.first_token_at).all()
+        assert engine.batch is None  # every row left the cache
