@@ -46,6 +46,8 @@ class Fields:
         value = self.raw(key, default)
         if value is None:
             return value
+        if value is False and choices and "off" in choices:
+            value = "off"  # YAML 1.1 reads a bare `off` as false
         if not isinstance(value, str):
             self.fail(f"expected a string, got {value!r}", key)
         if choices and value not in choices:

@@ -287,21 +287,25 @@ def table(plan: Plan, results: list[dict], rec: dict | None, front: list[str]) -
              + ("finding each one's maximum rate)" if plan.target_rps is None else f"target {plan.target_rps:g} req/s)"),
              ""]
     if plan.target_rps is None:
-        lines.append(f"{'configuration':<{width}}{'max req/s':>10}{'$/1M tok':>10}{'req/$':>10}{'p95 E2E':>10}")
+        lines.append(f"{'configuration':<{width}}{'saturation':>11}{'max req/s':>10}{'$/1M tok':>10}{'req/$':>10}"
+                     f"{'p95 E2E':>10}")
     else:
         lines.append(f"{'configuration':<{width}}{'replicas':>10}{'$/hour':>10}{'$/1M tok':>10}{'p95 E2E':>10}")
     for r in results:
         p = r.get("at_max") or r.get("at_target")
         name = ("* " if r["config"] in front else "  ") + r["config"]
+        saturation = f"{r['saturation_rps']:>11.2f}" if plan.target_rps is None else ""
         if p is None:
-            lines.append(f"{name:<{width}}{'none':>10}   misses the SLO by {r['miss']:.0%}")
+            lines.append(f"{name:<{width}}{saturation}{'none':>10}   misses the SLO by {r['miss']:.0%}")
         elif plan.target_rps is None:
-            lines.append(f"{name:<{width}}{r['max_rps']:>10.2f}{p['usd_per_million_output_tokens'] or 0:>10.3f}"
-                         f"{r['requests_per_dollar']:>10,.0f}{p['e2e_p95_s']:>10.2f}")
+            per_dollar = f"{r['requests_per_dollar']:,.0f}" if r["requests_per_dollar"] != math.inf else "-"
+            lines.append(f"{name:<{width}}{saturation}{r['max_rps']:>10.2f}"
+                         f"{p['usd_per_million_output_tokens'] or 0:>10.3f}{per_dollar:>10}{p['e2e_p95_s']:>10.2f}")
         else:
             lines.append(f"{name:<{width}}{r['replicas']:>10}{r['usd_per_hour']:>10.2f}"
                          f"{p['usd_per_million_output_tokens'] or 0:>10.3f}{p['e2e_p95_s']:>10.2f}")
-    lines.append("\n* on the Pareto front of cost per 1M output tokens vs p95 E2E latency")
+    lines.append("\n* on the Pareto front of cost per 1M output tokens vs p95 E2E latency"
+                 + ("; saturation: served req/s when every request queues at once" if plan.target_rps is None else ""))
     if rec:
         lines.append(f"recommended: {rec['config']} — {rec['why']}; worst SLO metric {rec['slo_margin']:.0%} under its bound")
     return "\n".join(lines)

@@ -125,3 +125,12 @@ def test_profile_gpu_without_cuda_suggests_cpu():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     assert_one_line_error(run("profiler.cli", "--gpu", "0", "--model", "gpt2-tiny"), "--gpu 0", "--device cpu")
+
+
+def test_autoscaler_off_survives_yaml_booleans(tmp_path, write_profile):
+    from sim.scenario import load
+
+    s = base_scenario(write_profile())
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(s) + "autoscaler: {policy: off}\n")  # YAML 1.1: off is false
+    assert load(path).autoscaler is None
