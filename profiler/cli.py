@@ -130,7 +130,13 @@ def profile_record(model, model_name: str, model_load_s: float, info: dict, mode
     """A whole profile file: metadata around the measured modes."""
     from calibration.profile import SCHEMA_VERSION
 
+    import torch
+
     config = model.config.to_diff_dict() if hasattr(model.config, "to_diff_dict") else {}
+    # Parameters that do matmul work for every token: not embedding lookups, and not the LM head,
+    # which runs once per sequence (logits for the last position only).
+    lookups = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)] + [model.get_output_embeddings()]
+    skip = {id(p) for m in lookups if m is not None for p in m.parameters()}
     return {
         "schema_version": SCHEMA_VERSION,
         "name": name,
@@ -138,6 +144,7 @@ def profile_record(model, model_name: str, model_load_s: float, info: dict, mode
         "command": command,
         "device": info,
         "model": {"name": model_name, "params": sum(p.numel() for p in model.parameters()),
+                  "matmul_params": sum(p.numel() for p in model.parameters() if id(p) not in skip),
                   "config": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool, list))}},
         "model_load_s": model_load_s,
         "grid": dict(spec.__dict__),

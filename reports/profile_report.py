@@ -41,9 +41,10 @@ def _decode_throughput(profile: Profile) -> go.Figure:
 
 def _roofline(profile: Profile) -> tuple[go.Figure, list[list[object]]]:
     """Decode: bytes of weights + KV read per step over step time, against the copy bandwidth.
-    Prefill: 2 x params FLOPs per token over pass time, against the matmul peak."""
+    Prefill: 2 x matmul parameters FLOPs per token over pass time, against the matmul peak
+    (profiles older than the matmul parameter count get no prefill row rather than a wrong one)."""
     bandwidth = profile.raw["device"].get("copy_bytes_per_s")
-    params = profile.raw["model"].get("params")
+    params = profile.raw["model"].get("matmul_params")
     fig = go.Figure()
     rows = []
     for mode in profile.modes.values():
