@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from sim.request import Request
-from sim.simulator import REJECT_REASONS, Outcome
+from sim.simulator import Outcome
 from sim.workload import Trace
 
 
@@ -132,7 +132,7 @@ def running_ids(scheduler) -> set[int]:
     return {r.id for r in scheduler.batch}
 
 
-def run_live(engine: LiveEngine, scheduler, trace: Trace, progress=None) -> Outcome:
+def run_live(engine: LiveEngine, scheduler, trace: Trace) -> Outcome:
     """Release the trace's requests on the wall clock through `scheduler`, running every step
     on the engine. Returns per-request times, in seconds from the first arrival's release."""
     n = len(trace)
@@ -145,19 +145,16 @@ def run_live(engine: LiveEngine, scheduler, trace: Trace, progress=None) -> Outc
 
     def record(r: Request) -> None:
         nonlocal done
-        outcome.scheduled_at[r.id], outcome.first_token_at[r.id] = r.scheduled_at, r.first_token_at
-        outcome.finished_at[r.id], outcome.preemptions[r.id] = r.finished_at, r.preemptions
-        outcome.rejected[r.id] = REJECT_REASONS.index(r.rejected)
-        outcome.worker[r.id] = outcome.replica[r.id] = 0 if not r.rejected else -1
+        outcome.record(r, r.worker)  # one worker: its replica is 0 too
         done += 1
-        if progress is not None:
-            progress(done)
 
     while done < n:
         now = time.perf_counter() - start
         while released < n and times[released] <= now:
             req = Request(released, times[released], prompt[released], output[released])
-            if not scheduler.add(req):
+            if scheduler.add(req):
+                req.worker = 0
+            else:
                 record(req)
             released += 1
         if released == n:

@@ -105,17 +105,6 @@ def scenario_grid(scenario, trace):
                     warmup=2, repeats=3, max_point_s=0.3, concurrency_workers=(1,))
 
 
-def saturation_rps(scenario, profile, trace) -> float:
-    """Throughput of the simulated deployment when the same requests all queue at once."""
-    from sim.simulator import simulate
-    from sim.results import requests_frame
-    from sim.workload import Trace
-
-    flood = Trace(np.zeros(len(trace)), trace.prompt_tokens, trace.output_tokens)
-    frame = requests_frame(flood, simulate(scenario, profile, flood).outcome)
-    return len(frame) / float(frame["finished_at"].max())
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="validate", description=__doc__.split(":", 1)[1].strip(), epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,7 +134,7 @@ def main(argv=None) -> int:
         from sim import scenario as scenario_mod, workload
         from sim.files import atomic_folder
         from sim.results import requests_frame
-        from sim.simulator import kv_capacity_per_worker, make_scheduler, simulate
+        from sim.simulator import kv_capacity_per_worker, make_scheduler, saturation_rps, simulate
 
         if args.runs < 1:
             raise InputError("--runs: must be at least 1")

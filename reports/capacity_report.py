@@ -7,6 +7,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from reports.html import figure, page, table
+from sim.plan import operating_point
 
 
 def _latency_vs_load(results: list[dict], metric: str, bound: float | None, x_key: str, x_title: str) -> go.Figure:
@@ -36,7 +37,7 @@ def _saturation(results: list[dict]) -> go.Figure:
 def _pareto(results: list[dict], front: list[str]) -> go.Figure:
     fig = go.Figure()
     for on in (True, False):
-        pts = [(r["config"], r.get("at_max") or r.get("at_target")) for r in results if (r["config"] in front) == on]
+        pts = [(r["config"], operating_point(r)) for r in results if (r["config"] in front) == on]
         pts = [(n, p) for n, p in pts if p is not None]
         fig.add_trace(go.Scatter(x=[p["usd_per_million_output_tokens"] for _, p in pts],
                                  y=[p["e2e_p95_s"] for _, p in pts], text=[n for n, _ in pts],
@@ -52,7 +53,7 @@ def write_capacity_report(summary: dict, path: Path) -> None:
     slo = next((p["slo"] for r in results for p in r["curve"]), {})
     rows = []
     for r in results:
-        p = r.get("at_max") or r.get("at_target")
+        p = operating_point(r)
         if p is None:
             rows.append([r["config"], "-", "-", "-", f"misses the SLO by {r['miss']:.0%}"])
         elif target is None:

@@ -177,10 +177,10 @@ def _measure(config: Config, factor: float, replicas: int | None = None) -> dict
             "ttft_p95_s": s["ttft_s"]["p95"], "e2e_p95_s": s["e2e_s"]["p95"], "tpot_p95_s": s["tpot_s"]["p95"]}
 
 
-def _base_rate(config: Config) -> float:
+def _base_trace(config: Config):
     from sim import workload
 
-    return workload.offered_rate(workload.generate(config.scenario.workload, config.scenario.seed))
+    return workload.generate(config.scenario.workload, config.scenario.seed)
 
 
 def _miss(point: dict) -> float:
@@ -195,11 +195,14 @@ def _infeasible(result: dict, curve: list[dict]) -> dict:
 
 def find_max_rate(config: Config) -> dict:
     """The highest offered rate meeting the SLO, by bisection below the saturation throughput."""
-    base = _base_rate(config)
-    flood = _measure(config, 1000.0)  # everything queues at once: the saturation throughput
-    saturation = flood["throughput_rps"]
+    from sim.simulator import saturation_rps
+    from sim.workload import offered_rate
+
+    trace = _base_trace(config)
+    base = offered_rate(trace)
+    saturation = saturation_rps(config.scenario, config.profile, trace)
     probe = _measure(config, 0.05 * saturation / base)  # a light load
-    curve = [probe]  # the loads actually offered (the flood only finds the saturation point)
+    curve = [probe]
     replicas = config.scenario.deployment.replicas
     result = {"config": config.name, "saturation_rps": saturation, "curve": curve,
               "usd_per_gpu_hour": config.usd_per_gpu_hour, "replicas": replicas}
@@ -223,7 +226,9 @@ def find_max_rate(config: Config) -> dict:
 
 def min_replicas(config: Config, target_rps: float, max_replicas: int) -> dict:
     """The fewest replicas that meet the SLO at the target rate (binary search)."""
-    factor = target_rps / _base_rate(config)
+    from sim.workload import offered_rate
+
+    factor = target_rps / offered_rate(_base_trace(config))
     curve, lo, hi, best = [], 1, max_replicas, None
     while lo <= hi:
         mid = (lo + hi) // 2
@@ -292,7 +297,7 @@ def table(plan: Plan, results: list[dict], rec: dict | None, front: list[str]) -
     else:
         lines.append(f"{'configuration':<{width}}{'replicas':>10}{'$/hour':>10}{'$/1M tok':>10}{'p95 E2E':>10}")
     for r in results:
-        p = r.get("at_max") or r.get("at_target")
+        p = operating_point(r)
         name = ("* " if r["config"] in front else "  ") + r["config"]
         saturation = f"{r['saturation_rps']:>11.2f}" if plan.target_rps is None else ""
         if p is None:

@@ -292,6 +292,7 @@ class ContinuousScheduler:
         if not prefill and not decode_seqs:
             return None
         step = Step(prefill=prefill, decode_seqs=decode_seqs)
+        chunks = [c for _, c in prefill]
         longest = self._longest_context() if self.padded and self.decode_seqs else 0
         if decode_seqs:
             step.decode_context = decode_seqs * longest if self.padded else self.decode_context
@@ -301,11 +302,10 @@ class ContinuousScheduler:
             if self.rows_left:
                 step.reshuffle_tokens += rows * longest
             if prefill and rows:
-                step.reshuffle_tokens += (rows + len(prefill)) * max(longest, max(c for _, c in prefill))
+                step.reshuffle_tokens += (rows + len(prefill)) * max(longest, max(chunks))
             self.rows_left = False
         if prefill:
             step.prefill_seqs = len(prefill)
-            chunks = [c for _, c in prefill]
             step.prefill_len = max(chunks) if self.padded else sum(chunks) / len(chunks)
         else:
             while self.finish_heap and self.running.get(self.finish_heap[0][1]) is None:

@@ -75,6 +75,15 @@ class Outcome:
         return cls(nan(), nan(), nan(), minus(), minus(), np.zeros(n, np.int32),
                    np.zeros(n, bool), np.zeros(n, np.int8))
 
+    def record(self, req: Request, replica: int) -> None:
+        """Write a finished or rejected request's times and fate into its row."""
+        i = req.id
+        self.scheduled_at[i], self.first_token_at[i], self.finished_at[i] = (
+            req.scheduled_at, req.first_token_at, req.finished_at)
+        self.preemptions[i], self.cache_hit[i] = req.preemptions, req.cache_hit
+        self.rejected[i] = REJECT_REASONS.index(req.rejected)
+        self.worker[i], self.replica[i] = req.worker, replica
+
 
 @dataclass
 class Run:
@@ -285,13 +294,7 @@ class Simulation:
         worker.submit(req)
 
     def finish(self, req: Request) -> None:
-        o, i = self.outcome, req.id
-        o.scheduled_at[i], o.first_token_at[i], o.finished_at[i] = req.scheduled_at, req.first_token_at, req.finished_at
-        o.preemptions[i], o.cache_hit[i] = req.preemptions, req.cache_hit
-        o.rejected[i] = REJECT_REASONS.index(req.rejected)
-        if req.worker >= 0:
-            o.worker[i] = req.worker
-            o.replica[i] = self.workers[req.worker].replica.index
+        self.outcome.record(req, self.workers[req.worker].replica.index if req.worker >= 0 else -1)
         cache, spec = self.cache, self.scenario.response_cache
         if cache is not None and req.prompt_key >= 0 and not req.rejected and not req.cache_hit:
             cache[req.prompt_key] = self.env.now + spec.ttl_s
@@ -369,3 +372,11 @@ class Simulation:
 def simulate(scenario: Scenario, profile: Profile, trace: Trace, jump: bool = True,
              progress: Callable[[int], None] | None = None) -> Run:
     return Simulation(scenario, profile, trace, jump, progress).run()
+
+
+def saturation_rps(scenario: Scenario, profile: Profile, trace: Trace) -> float:
+    """Served requests per second when the trace's requests all queue at once: the most the
+    deployment can serve of this request mix."""
+    flood = Trace(np.zeros(len(trace)), trace.prompt_tokens, trace.output_tokens)
+    finished = simulate(scenario, profile, flood).outcome.finished_at
+    return float(np.isfinite(finished).sum() / np.nanmax(finished))
