@@ -1,6 +1,9 @@
 """Print the validation matrix (results/validation/*/validation.json) as a Markdown table.
 
     python benchmarks/validation_table.py [results/validation]
+
+Each error cell is `prediction · at run speed`: the simulation priced by the profile swept around
+the live runs, then the same with forward times scaled by how fast the device ran the live runs.
 """
 
 from __future__ import annotations
@@ -15,16 +18,27 @@ KEYS = [("ttft_s.p50", "TTFT p50"), ("ttft_s.p90", "TTFT p90"), ("e2e_s.p50", "E
 
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "results/validation")
-    print("| arrivals · batching | load | " + " | ".join(label for _, label in KEYS) + " | live run-to-run (max) |")
-    print("|---|---|" + "---|" * len(KEYS) + "---|")
+    print("| arrivals · batching | load | " + " | ".join(label for _, label in KEYS)
+          + " | live run-to-run (max) | device speed, live / profile | engine overhead, ms/step: priced · live |")
+    print("|---|---|" + "---|" * len(KEYS) + "---|---|---|")
     for path in sorted(folder.glob("*/validation.json")):
         result = json.loads(path.read_text())
         for case in result["cases"]:
-            cmp = case["comparison"]
+            cmp, fixed = case["comparison"], case["comparison_at_run_speed"]
             noise = max(cmp[k]["noise"] for k, _ in KEYS if cmp[k]["noise"] is not None)
-            cells = [f"{cmp[k]['error']:+.0%}" for k, _ in KEYS]
+            cells = [f"{cmp[k]['error']:+.0%} · {fixed[k]['error']:+.0%}" for k, _ in KEYS]
             name = f"{result['scenario'].removeprefix('validate-')} · {result['policy']}"
-            print(f"| {name} | {case['load']} ({case['offered_rps']:.1f} req/s) | " + " | ".join(cells) + f" | {noise:.0%} |")
+            overhead = case["engine_overhead_s"]
+            live = " / ".join(f"{v * 1000:.2f}" for v in overhead["live"])
+            print(f"| {name} | {case['load']} ({case['offered_rps']:.1f} req/s) | " + " | ".join(cells)
+                  + f" | {noise:.0%} | {case['device_speed']:.2f} | {overhead['profile'] * 1000:.2f} · {live} |")
+    print()
+    for label, which in (("prediction", "comparison"), ("at run speed", "comparison_at_run_speed")):
+        errors = [abs(case[which][k]["error"]) for path in sorted(folder.glob("*/validation.json"))
+                  for case in json.loads(path.read_text())["cases"] for k, _ in KEYS[:4]]
+        within = sum(e <= 0.10 for e in errors)
+        print(f"{label}: TTFT/E2E p50/p90 within 10%: {within} of {len(errors)}; "
+              f"median |error| {sorted(errors)[len(errors) // 2]:.0%}, max {max(errors):.0%}")
 
 
 if __name__ == "__main__":

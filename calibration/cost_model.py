@@ -10,6 +10,10 @@ non-negative least squares on relative error, carries the nearest measured value
 A no-KV-cache mode recomputes the whole sequence each step, so its decode has prefill's shape.
 A mixed pass (continuous batching with chunked prefill) costs its decode part plus the prefill
 part less the fixed per-pass overhead, which it pays once.
+
+Every step also pays the serving engine's own overhead outside the model (scheduling, cache
+bookkeeping, preparing inputs), which the profile measures by running the live engine: on a
+small model it is several percent of a step, and a simulator that leaves it out is optimistic.
 """
 
 from __future__ import annotations
@@ -157,8 +161,9 @@ class HeldOut:
 class CostModel:
     """Prices scheduler steps for one mode of a profile."""
 
-    def __init__(self, mode: Mode, copy_bytes_per_s: float | None = None):
+    def __init__(self, mode: Mode, copy_bytes_per_s: float | None = None, engine_overhead_s: float = 0.0):
         self.mode = mode
+        self.engine_overhead_s = engine_overhead_s
         # Seconds to copy one token's KV cache (read and write) at the device's measured rate.
         self.copy_s_per_token = 2 * mode.kv_bytes_per_token / copy_bytes_per_s if copy_bytes_per_s else 0.0
         self.prefill = Surface(mode.prefill, quadratic=True)
@@ -184,30 +189,35 @@ class CostModel:
 
     def decode_run(self, seqs: int, context_sum: float, repeat: int) -> float:
         """Seconds of `repeat` consecutive decode steps, each adding one token per row."""
-        return self.decode.run_sum(seqs, context_sum / seqs, repeat)
+        return self.decode.run_sum(seqs, context_sum / seqs, repeat) + repeat * self.engine_overhead_s
 
     def decode_steps_done(self, seqs: int, context_sum: float, repeat: int, elapsed: float) -> int:
         """How many steps of such a run have ended `elapsed` seconds after it began.
 
         Step times change slowly along a run, so an estimate from the mean step time is off by a
         step or two; closed-form sums then settle it exactly."""
-        mean, run = context_sum / seqs, self.decode.run_sum
-        n = min(int(elapsed / (run(seqs, mean, repeat) / repeat)), repeat)
-        while n > 0 and run(seqs, mean, n) > elapsed:
+        def run(n: int) -> float:
+            return self.decode_run(seqs, context_sum, n)
+
+        n = min(int(elapsed / (run(repeat) / repeat)), repeat)
+        while n > 0 and run(n) > elapsed:
             n -= 1
-        while n < repeat and run(seqs, mean, n + 1) <= elapsed:
+        while n < repeat and run(n + 1) <= elapsed:
             n += 1
         return n
 
-    def step_time(self, step) -> float:
-        """Seconds of one scheduler Step (see sim.scheduler)."""
-        copy = step.reshuffle_tokens * self.copy_s_per_token
+    def forward_time(self, step) -> float:
+        """Seconds inside the model for one scheduler Step (see sim.scheduler)."""
         if not step.prefill_seqs:
-            return self.decode_time(step.decode_seqs, step.decode_context) + copy
+            return self.decode_time(step.decode_seqs, step.decode_context)
         t = self.prefill_time(step.prefill_seqs, step.prefill_len)
         if step.decode_seqs:
             t = self.decode_time(step.decode_seqs, step.decode_context) + max(t - self.prefill.overhead, 0.0)
-        return t + copy
+        return t
+
+    def step_time(self, step) -> float:
+        """Seconds of one Step: the forward pass, the cache copies of a padded engine, the engine's overhead."""
+        return self.forward_time(step) + step.reshuffle_tokens * self.copy_s_per_token + self.engine_overhead_s
 
 
 def held_out_error(grid: Grid, quadratic: bool) -> HeldOut:

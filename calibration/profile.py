@@ -3,6 +3,8 @@
 A profile is JSON. Each *mode* (e.g. `fp32-nocache`, `bf16`, `bf16-compiled`) holds two timing
 grids — prefill over batch x prompt length, decode over batch x context — plus memory figures,
 so a scenario can pick the mode it deploys. Missing grid points (out of memory) are null.
+Beside the modes: the device's copy rate, the model's load time, and the serving engine's
+overhead per step outside the model.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sim.errors import InputError
 from sim.fields import Fields
 from sim.files import write_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: engine_overhead_s
 SHIPPED = Path(__file__).parent / "profiles"
 
 
@@ -55,6 +57,7 @@ class Profile:
     copy_bytes_per_s: float | None  # measured device copy rate, bytes read + written per second
     model_name: str
     model_load_s: float
+    engine_overhead_s: float  # seconds per step the live engine spends outside the model
     modes: dict[str, Mode]
     raw: dict[str, Any]
 
@@ -171,6 +174,7 @@ def parse(data: Any, path: str) -> Profile:
         copy_bytes_per_s=device.num("copy_bytes_per_s", None, positive=True),
         model_name=model.str("name"),
         model_load_s=top.num("model_load_s", low=0),
+        engine_overhead_s=top.num("engine_overhead_s", low=0),
         modes=modes,
         raw=data,
     )

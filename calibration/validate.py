@@ -87,6 +87,23 @@ def compare(live: list[dict], sim: dict) -> dict:
     return rows
 
 
+def device_speed(runs, cost) -> float:
+    """Time the live runs spent inside the model over what the profile predicts for the same
+    steps: 1.1 means the device ran 10% slower during the runs than while the profile was swept."""
+    predicted = sum(cost.forward_time(step) for run in runs for step in run.steps)
+    return float(sum(run.forward_s.sum() for run in runs) / predicted)
+
+
+def scaled(raw: dict, mode: str, factor: float) -> dict:
+    """A profile file whose forward-pass times in `mode` are `factor` times the measured ones."""
+    out = json.loads(json.dumps(raw))
+    for kind in ("prefill", "decode"):
+        grid = out["modes"][mode][kind]
+        grid["median_s"] = [[None if v is None else v * factor for v in row] for row in grid["median_s"]]
+    out["command"] += f"; forward-pass times x {factor:.3f}, the device's speed during the live runs"
+    return out
+
+
 def scenario_grid(scenario, trace):
     """A profile grid covering exactly the shapes this scenario's batches can take."""
     from profiler.measure import GridSpec
@@ -130,6 +147,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
+        from calibration.cost_model import CostModel
         from calibration.profile import load as load_profile
         from sim import scenario as scenario_mod, workload
         from sim.files import atomic_folder
@@ -160,7 +178,7 @@ def main(argv=None) -> int:
 
             reuse_cpu_memory()  # the same allocator regime as `profile` measured in
 
-        from calibration.live_engine import LiveEngine, build_for_profile, run_live
+        from profiler.live_engine import LiveEngine, build_for_profile, measure_overhead, run_live
 
         log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
         log(f"building {profile.model_name} ({scenario.deployment.mode}) on {device} ...")
@@ -169,6 +187,8 @@ def main(argv=None) -> int:
         model_load_s = time.perf_counter() - load_start
         engine = LiveEngine(model, device)
         engine.warm_up()
+        overhead = measure_overhead(engine)
+        log(f"engine overhead outside the model: {overhead * 1e3:.2f} ms per step")
         base = workload.generate(scenario.workload, scenario.seed)
         # The device's speed drifts (on a shared VM by tens of percent over a minute), so each
         # load's simulation is priced by a profile of the scenario's shapes swept before, between
@@ -186,7 +206,7 @@ def main(argv=None) -> int:
 
         def profile_of(samples: GridSamples) -> tuple[dict, object]:
             modes = {mode_spec.name: mode_record(bench, samples.summary(), peaks["matmul_flops"].get(mode_spec.dtype))}
-            raw = profile_record(model, profile.model_name, model_load_s, info, modes, grid,
+            raw = profile_record(model, profile.model_name, model_load_s, overhead, info, modes, grid,
                                  f"{profile.name}-validate", "validate: swept before, between and after the live runs")
             return raw, parse_profile(raw, "in-process profile")
 
@@ -204,25 +224,30 @@ def main(argv=None) -> int:
             trace = workload.generate(workload.scale_rate(scenario.workload, factor), scenario.seed)
             label = "as given" if load is None else f"{load:.0%}"
             samples = swept(GridSamples(bench, grid))
-            live_stats, live_frames = [], []
+            live_stats, live_frames, live_runs = [], [], []
             for i in range(args.runs):
                 log(f"load {label}: live run {i + 1}/{args.runs} of {len(trace)} requests "
                     f"({workload.offered_rate(trace):.2f} req/s) ...")
                 t0 = time.perf_counter()
-                outcome = run_live(engine, make_scheduler(scenario, kv_capacity), trace)
-                live_frames.append(requests_frame(trace, outcome))
+                live_runs.append(run_live(engine, make_scheduler(scenario, kv_capacity), trace))
+                live_frames.append(requests_frame(trace, live_runs[-1].outcome))
                 live_stats.append(percentiles(live_frames[-1]))
                 log(f"  took {time.perf_counter() - t0:.1f} s")
                 swept(samples)
             profiles[label], fresh = profile_of(samples)
-            sim_frame = requests_frame(trace, simulate(scenario, fresh, trace).outcome)
-            shipped_frame = requests_frame(trace, simulate(scenario, profile, trace).outcome)
+            speed = device_speed(live_runs, CostModel(fresh.modes[mode_spec.name]))
+            at_speed = parse_profile(scaled(profiles[label], mode_spec.name, speed), "in-process profile")
+            sim_frames = {key: requests_frame(trace, simulate(scenario, p, trace).outcome)
+                          for key, p in (("sim", fresh), ("sim_at_run_speed", at_speed), ("sim_shipped", profile))}
+            sims = {key: percentiles(frame) for key, frame in sim_frames.items()}
             case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
-                    "live": live_stats, "sim": percentiles(sim_frame), "sim_shipped": percentiles(shipped_frame)}
-            case["comparison"] = compare(live_stats, case["sim"])
-            case["comparison_shipped"] = compare(live_stats, case["sim_shipped"])
+                    "device_speed": speed, "engine_overhead_s": {"profile": overhead,
+                                                                 "live": [run.overhead_s for run in live_runs]},
+                    "live": live_stats, **sims}
+            for key in sims:
+                case[key.replace("sim", "comparison")] = compare(live_stats, case[key])
             cases.append(case)
-            frames[label] = (live_frames[0], sim_frame)
+            frames[label] = (live_frames[0], sim_frames["sim"])
         result = {
             "scenario": scenario.name, "policy": scenario.deployment.batching.policy,
             "profile": profile.name, "mode": scenario.deployment.mode, "device": str(device),
@@ -249,19 +274,26 @@ def table(result: dict) -> str:
     lines = [f"validation: {result['scenario']} ({result['policy']} batching, {result['profile']} / "
              f"{result['mode']}, {result['device']})", "",
              f"{'load':<9}{'metric':<16}{'live':>11}{'sim':>11}{'error':>9}{'live noise':>12}"
-             f"{'shipped-profile sim':>21}{'error':>9}"]
+             f"{'sim at run speed':>18}{'error':>9}"]
     for case in result["cases"]:
         for key, row in case["comparison"].items():
             if key.endswith("p99"):
                 continue
-            shipped = case["comparison_shipped"][key]
+            at_speed = case["comparison_at_run_speed"][key]
             unit = 1 if key == "throughput_rps" else 1000
             fmt = (lambda v: "-" if v is None else f"{v * unit:,.1f}")
             pct = (lambda v: "-" if v is None else f"{v:+.1%}")
             label = key.replace("_s.", " ").replace("_rps", " req/s") + ("" if key == "throughput_rps" else " ms")
             lines.append(f"{case['load']:<9}{label:<16}{fmt(row['live_mean']):>11}{fmt(row['sim']):>11}"
-                         f"{pct(row['error']):>9}{pct(row['noise']):>12}{fmt(shipped['sim']):>21}"
-                         f"{pct(shipped['error']):>9}")
+                         f"{pct(row['error']):>9}{pct(row['noise']):>12}{fmt(at_speed['sim']):>18}"
+                         f"{pct(at_speed['error']):>9}")
+        overhead = case["engine_overhead_s"]
+        lines.append(f"{case['load']:<9}device ran {case['device_speed']:.3f}x the profile's forward times; engine "
+                     f"overhead {overhead['profile'] * 1000:.2f} ms/step priced, "
+                     + ", ".join(f"{v * 1000:.2f}" for v in overhead["live"]) + " ms live")
+    lines += ["", "sim: priced by the profile swept before, between and after the live runs (the prediction).",
+              "sim at run speed: the same, with forward times scaled by how fast the device ran the live runs,",
+              "which takes the device's drift out and leaves the simulator's own error."]
     return "\n".join(lines)
 
 

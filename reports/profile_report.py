@@ -119,5 +119,6 @@ def write_report(profile: Profile, path: Path) -> None:
                      table(["mode"] + [""] * (len(conc_rows[0]) - 1), conc_rows)]
     subtitle = (f"{profile.model_name} on {profile.device_name} · torch {d.get('torch')} · "
                 f"transformers {d.get('transformers')} · {profile.raw.get('created_at', '')} · "
-                f"model load {profile.model_load_s:.2f} s")
+                f"model load {profile.model_load_s:.2f} s · "
+                f"engine overhead {profile.engine_overhead_s * 1000:.2f} ms/step")
     page(f"servesim profile: {profile.name}", subtitle, sections, path)

@@ -24,11 +24,23 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
         for key, r in case["comparison"].items():
             unit, suffix = (1, " req/s") if key == "throughput_rps" else (1000, " ms")
             fmt = lambda v: "-" if v is None else f"{v * unit:,.1f}{suffix}"  # noqa: E731
-            rows.append([case["load"], key, fmt(r["live_mean"]), fmt(r["sim"]),
-                         "-" if r["error"] is None else f"{r['error']:+.1%}",
-                         "-" if r["noise"] is None else f"{r['noise']:.1%}"])
+            pct = lambda v: "-" if v is None else f"{v:+.1%}"  # noqa: E731
+            at_speed = case["comparison_at_run_speed"][key]
+            rows.append([case["load"], key, fmt(r["live_mean"]), fmt(r["sim"]), pct(r["error"]),
+                         "-" if r["noise"] is None else f"{r['noise']:.1%}", fmt(at_speed["sim"]),
+                         pct(at_speed["error"])])
+    device = [[case["load"], f"{case['device_speed']:.3f}", f"{case['engine_overhead_s']['profile'] * 1000:.2f} ms",
+               ", ".join(f"{v * 1000:.2f} ms" for v in case["engine_overhead_s"]["live"])]
+              for case in result["cases"]]
     sections = ["<h2>Live vs simulated</h2>",
-                table(["load", "metric", "live (mean of runs)", "simulated", "error", "live run-to-run"], rows)]
+                "<p><b>simulated</b>: priced by the profile swept before, between and after the live runs (the "
+                "prediction). <b>at run speed</b>: the same with forward times scaled by how fast the device ran "
+                "the live runs, which takes the device's drift out and leaves the simulator's own error.</p>",
+                table(["load", "metric", "live (mean of runs)", "simulated", "error", "live run-to-run",
+                       "simulated at run speed", "error"], rows),
+                "<h2>The device during the live runs</h2>",
+                table(["load", "forward time, live / profile", "engine overhead priced (flood before the runs)",
+                       "engine overhead in the live runs (median)"], device)]
     for i, (label, (live, sim)) in enumerate(frames.items()):
         fig = make_subplots(rows=1, cols=4, subplot_titles=[m for _, m in METRICS] + ["E2E per request"])
         for col, (key, name) in enumerate(METRICS, start=1):

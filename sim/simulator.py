@@ -186,7 +186,7 @@ class Simulation:
         self.progress = progress  # called with the number of requests done, every 1% or so
         dep = scenario.deployment
         mode = profile.mode(dep.mode, f"{scenario.path}: deployment.mode")
-        self.cost = CostModel(mode, profile.copy_bytes_per_s)
+        self.cost = CostModel(mode, profile.copy_bytes_per_s, profile.engine_overhead_s)
         self.slowdown = self.cost.slowdown(dep.workers_per_gpu)
         self.kv_capacity = kv_capacity_per_worker(scenario, profile)
         self.env = simpy.Environment()

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def synthetic_profile(prefill=lambda b, p: 0.01, decode=lambda b, c: 0.001, memory_bytes=10**12,
-                      weights_bytes=10**6, kv_bytes_per_token=1000, model_load_s=5.0, concurrency=None) -> dict:
+                      weights_bytes=10**6, kv_bytes_per_token=1000, model_load_s=5.0, concurrency=None,
+                      engine_overhead_s=0.0) -> dict:
     """A valid profile whose grid holds prefill(b, p) and decode(b, c) seconds."""
     batches, lengths, contexts = [1, 2, 4, 8, 16, 32, 64], [16, 64, 256, 1024, 4096], [16, 64, 256, 1024, 4096]
     mode = {
@@ -27,6 +28,7 @@ def synthetic_profile(prefill=lambda b, p: 0.01, decode=lambda b, c: 0.001, memo
     if concurrency:
         mode["concurrency"] = {"workers": list(concurrency), "step_s": list(concurrency.values())}
     return {"schema_version": SCHEMA_VERSION, "name": "synthetic", "model_load_s": model_load_s,
+            "engine_overhead_s": engine_overhead_s,
             "device": {"type": "cuda", "name": "synthetic test device", "memory_bytes": memory_bytes},
             "model": {"name": "synthetic"}, "modes": {"fp16": mode}}
 

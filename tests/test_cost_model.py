@@ -27,16 +27,29 @@ def test_exact_at_measured_points_and_linear_between(mode):
 
 @pytest.mark.parametrize("mode", shipped_modes(), ids=lambda m: m.name)
 def test_closed_form_run_equals_step_by_step_sum(mode):
-    cm = CostModel(mode)
+    from sim.scheduler import Step
+
+    cm = CostModel(mode, engine_overhead_s=3e-4)
     for b in (1, 3, 40, 200):  # inside and beyond the measured batches
         for start in (5.0, 100.5, 1000.0, 4090.0, 20000.0):  # below, inside, above the grid
             for n in (1, 7, 300, 5000):
-                stepwise = sum(cm.decode.at(b, start + j) for j in range(n))
-                assert cm.decode.run_sum(b, start, n) == pytest.approx(stepwise, rel=1e-9)
+                steps = [cm.step_time(Step(decode_seqs=b, decode_context=b * (start + j))) for j in range(n)]
+                assert cm.decode_run(b, b * start, n) == pytest.approx(sum(steps), rel=1e-9)
                 # Cut short at any moment, the run has finished exactly the steps whose ends passed.
-                ends = np.cumsum([cm.decode.at(b, start + j) for j in range(n)])
+                ends = np.cumsum(steps)
                 for t in (0.0, ends[0] * 0.5, ends[n // 2] * 1.0000001, ends[-1] * 0.999999):
                     assert cm.decode_steps_done(b, start * b, n, t) == int(np.searchsorted(ends, t, side="right"))
+
+
+def test_every_step_pays_the_engine_overhead_once():
+    from sim.scheduler import Step
+
+    mode = parse(synthetic_profile(), "synthetic").modes["fp16"]
+    bare, loaded = CostModel(mode), CostModel(mode, engine_overhead_s=0.002)
+    for step in (Step(decode_seqs=4, decode_context=400), Step(prefill_seqs=2, prefill_len=100),
+                 Step(prefill_seqs=1, prefill_len=100, decode_seqs=4, decode_context=400)):
+        assert loaded.step_time(step) == pytest.approx(bare.step_time(step) + 0.002)
+    assert loaded.decode_run(4, 400, 10) == pytest.approx(bare.decode_run(4, 400, 10) + 10 * 0.002)
 
 
 def test_extrapolation_follows_the_physical_shape_and_stays_positive():

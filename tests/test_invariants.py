@@ -45,7 +45,8 @@ def check_invariants(run, frame: pd.DataFrame, summary: dict, scenario: dict) ->
 )
 def test_random_scenarios_keep_invariants_and_jumps_change_nothing(
         write_profile, write_scenario, policy, chunked, padded, replicas, rate, kv_tokens, max_seqs, budget, router, seed):
-    profile = write_profile(prefill=lambda b, p: 0.003 + 2e-6 * b * p, decode=lambda b, c: 0.002 + 1e-4 * b + 1e-8 * b * c)
+    profile = write_profile(prefill=lambda b, p: 0.003 + 2e-6 * b * p,
+                            decode=lambda b, c: 0.002 + 1e-4 * b + 1e-8 * b * c, engine_overhead_s=3e-4)
     batching = {"policy": policy}
     if policy == "continuous":
         batching |= {"max_num_seqs": max_seqs, "max_batched_tokens": budget, "chunked_prefill": chunked,

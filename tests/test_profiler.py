@@ -27,6 +27,8 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     assert baseline.kv_bytes_per_token == 0 and cached.weights_bytes > 0
     assert (cached.decode.seconds > 0).all() and (cached.prefill.seconds > 0).all()
     assert profile.model_load_s > 0 and set(cached.concurrency) == {1, 2}
+    # The live engine's loop outside the model: real, and far below a step of the model itself.
+    assert 0 < profile.engine_overhead_s < float(cached.decode.seconds.min())
     raw = json.loads(out.read_text())
     assert raw["device"]["type"] == "cpu" and raw["device"]["copy_bytes_per_s"] > 0
     assert (tmp_path / "cpu-tiny.html").stat().st_size > 100_000  # the Plotly report beside it

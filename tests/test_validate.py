@@ -17,9 +17,13 @@ def test_small_cpu_validation_is_within_an_honest_bound(validation_run):
     result = json.loads((validation_run / "validation.json").read_text())
     (case,) = result["cases"]
     assert case["requests"] == 40 and len(case["live"]) == 2
-    cmp = case["comparison"]
-    for key in ("ttft_s.p50", "e2e_s.p50", "throughput_rps"):
-        assert abs(cmp[key]["error"]) <= BOUND, (key, cmp[key])
+    for which in ("comparison", "comparison_at_run_speed"):
+        for key in ("ttft_s.p50", "e2e_s.p50", "throughput_rps"):
+            assert abs(case[which][key]["error"]) <= BOUND, (which, key, case[which][key])
+    assert 0.5 < case["device_speed"] < 2  # the live runs' forward passes, over the profile's price for them
+    # The engine overhead priced (measured on a flood before the runs) is what the live runs paid.
+    overhead = case["engine_overhead_s"]
+    assert 0.5 < overhead["profile"] / min(overhead["live"]) and overhead["profile"] / max(overhead["live"]) < 2
     profile = json.loads((validation_run / "profile-50.json").read_text())
     assert profile["modes"]["fp32"]["decode"]["repeats"][0][0] >= 6  # swept before, between, after
 
@@ -42,7 +46,7 @@ def test_live_engine_runs_every_policy_and_forces_output_lengths():
     torch = pytest.importorskip("torch")
     import numpy as np
 
-    from calibration.live_engine import LiveEngine, run_live
+    from profiler.live_engine import LiveEngine, run_live
     from profiler.measure import DTYPES
     from profiler.models import MODELS, build
     from sim.scheduler import ContinuousScheduler, PaddedBatchScheduler
@@ -53,7 +57,7 @@ def test_live_engine_runs_every_policy_and_forces_output_lengths():
     trace = Trace(np.linspace(0, 0.05, 6), np.array([5, 9, 3, 12, 7, 4]), np.array([3, 1, 6, 2, 5, 4]))
     for scheduler in (ContinuousScheduler(4, 64, 10_000, padded=True), PaddedBatchScheduler(3, 10_000, 0.01),
                       PaddedBatchScheduler(3, 10_000, None)):
-        out = run_live(engine, scheduler, trace)
+        out = run_live(engine, scheduler, trace).outcome
         assert np.isfinite(out.finished_at).all()
         assert (out.first_token_at >= out.scheduled_at).all() and (out.finished_at >= out.first_token_at).all()
         assert engine.batch is None  # every row left the cache

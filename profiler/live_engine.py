@@ -13,6 +13,10 @@ scheduler forms is executed as real forward passes of a transformers model:
 
 Output lengths are forced (no EOS): token ids are random, as the weights are, since neither
 changes what a pass costs. Requests arrive by the trace's times on the wall clock.
+
+Each step's time inside the model and around it is recorded: what the serving loop spends
+outside the model (scheduling, cache bookkeeping, preparing inputs) is a cost of its own, which
+`profile` measures here and the simulator adds to every step.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sim.request import Request
+from sim.scheduler import ContinuousScheduler, Step
 from sim.simulator import Outcome
 from sim.workload import Trace
 
@@ -42,6 +48,7 @@ class LiveEngine:
         self.model, self.device = model, device
         self.vocab = model.config.vocab_size
         self.batch: Batch | None = None
+        self.forward_s = 0.0  # seconds inside the model during the current step
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -57,14 +64,23 @@ class LiveEngine:
                 self.model(input_ids=self._ids(b, 1), past_key_values=out.past_key_values, use_cache=True)
         self.sync()
 
-    def run_step(self, step) -> None:
-        """Execute one scheduler Step as a real forward pass."""
+    def run_step(self, step) -> float:
+        """Execute one scheduler Step as a real forward pass; returns the seconds inside the model."""
+        self.forward_s = 0.0
         with torch.inference_mode():
             if step.prefill:
                 self._prefill([r for r, _ in step.prefill], [c for _, c in step.prefill])
             else:
                 self._decode()
         self.sync()
+        return self.forward_s
+
+    def _forward(self, **inputs):
+        start = time.perf_counter()
+        out = self.model(**inputs)
+        self.sync()
+        self.forward_s += time.perf_counter() - start
+        return out
 
     def _prefill(self, reqs: list[Request], lengths: list[int]) -> None:
         longest = max(lengths)
@@ -73,7 +89,7 @@ class LiveEngine:
         for i, n in enumerate(lengths):
             mask[i, longest - n:] = 1
         padded = bool((mask == 0).any())
-        out = self.model(input_ids=ids, attention_mask=mask if padded else None, use_cache=True, logits_to_keep=1)
+        out = self._forward(input_ids=ids, attention_mask=mask if padded else None, use_cache=True, logits_to_keep=1)
         new = Batch(reqs, out.past_key_values, mask)
         self.batch = new if self.batch is None else _concatenate(self.batch, new)
 
@@ -81,8 +97,8 @@ class LiveEngine:
         batch = self.batch
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         padded = bool((batch.mask == 0).any())
-        self.model(input_ids=self._ids(len(batch.rows), 1), attention_mask=batch.mask if padded else None,
-                   past_key_values=batch.cache, use_cache=True)
+        self._forward(input_ids=self._ids(len(batch.rows), 1), attention_mask=batch.mask if padded else None,
+                      past_key_values=batch.cache, use_cache=True)
 
     def keep(self, running: set[int]) -> None:
         """Drop the rows of requests that left the batch, and padding no row needs any more."""
@@ -132,14 +148,29 @@ def running_ids(scheduler) -> set[int]:
     return {r.id for r in scheduler.batch}
 
 
-def run_live(engine: LiveEngine, scheduler, trace: Trace) -> Outcome:
+@dataclass
+class LiveRun:
+    outcome: Outcome
+    steps: list[Step]  # every step the scheduler formed, in order
+    loop_s: np.ndarray  # per step: the serving loop's seconds, from scheduling to cache cleanup
+    forward_s: np.ndarray  # per step: seconds inside the model's forward passes
+
+    @property
+    def overhead_s(self) -> float:
+        """Median seconds per step outside the model. The median passes over the few steps that
+        copy the cache to add or drop rows: the cost model prices those copies by the copy rate."""
+        return float(np.median(self.loop_s - self.forward_s))
+
+
+def run_live(engine: LiveEngine, scheduler, trace: Trace) -> LiveRun:
     """Release the trace's requests on the wall clock through `scheduler`, running every step
-    on the engine. Returns per-request times, in seconds from the first arrival's release."""
+    on the engine. Times are in seconds from the first arrival's release."""
     n = len(trace)
     outcome = Outcome.empty(n)
     times = trace.arrived_at.tolist()
     prompt, output = trace.prompt_tokens.tolist(), trace.output_tokens.tolist()
     done = released = 0
+    steps, loop_s, forward_s = [], [], []
     engine.batch = None
     start = time.perf_counter()
 
@@ -149,7 +180,8 @@ def run_live(engine: LiveEngine, scheduler, trace: Trace) -> Outcome:
         done += 1
 
     while done < n:
-        now = time.perf_counter() - start
+        top = time.perf_counter()
+        now = top - start
         while released < n and times[released] <= now:
             req = Request(released, times[released], prompt[released], output[released])
             if scheduler.add(req):
@@ -165,11 +197,23 @@ def run_live(engine: LiveEngine, scheduler, trace: Trace) -> Outcome:
             assert wake < math.inf, "scheduler idle with requests outstanding"
             time.sleep(max(wake - (time.perf_counter() - start), 0.0))
             continue
-        engine.run_step(step)
+        steps.append(step)
+        forward_s.append(engine.run_step(step))
         for r in scheduler.postprocess(step, time.perf_counter() - start):
             record(r)
         engine.keep(running_ids(scheduler))
-    return outcome
+        loop_s.append(time.perf_counter() - top)
+    return LiveRun(outcome, steps, np.array(loop_s), np.array(forward_s))
+
+
+def measure_overhead(engine: LiveEngine, requests: int = 32) -> float:
+    """Seconds per step the serving loop spends outside the model, measured on a flood of short
+    requests (all arriving at once) through continuous batching."""
+    rng = np.random.default_rng(0)
+    trace = Trace(np.zeros(requests), rng.integers(16, 128, requests), rng.integers(8, 32, requests))
+    room = float(trace.prompt_tokens.sum() + trace.output_tokens.sum())  # every request fits at once
+    scheduler = ContinuousScheduler(max_num_seqs=8, max_batched_tokens=1024, kv_capacity=room, padded=True)
+    return run_live(engine, scheduler, trace).overhead_s
 
 
 def build_for_profile(profile, mode_name: str, device: torch.device):
