@@ -152,7 +152,7 @@ def table(summary: dict[str, Any]) -> str:
     rows += [
         ("batching", f"mean batch {s['mean_batch_size']:.2f} over {s['forward_passes']:,} forward passes"),
         ("GPU", f"utilisation {s['gpu_utilization']:.1%}, {s['gpu_hours']:.3f} GPU-hours"),
-        ("KV cache", "no KV cache in this mode" if kv is None else
+        ("KV cache", "no KV cache in this mode" if kv is None or s["kv_cache_tokens_per_worker"] is None else
          f"mean {kv:.1%}, max {s['kv_cache_utilization_max']:.1%} of {s['kv_cache_tokens_per_worker']:,} tokens/worker"),
         ("preemptions", f"{s['preemptions']:,}"),
         ("cache hits", f"{s['cache_hit_rate']:.1%}"),

@@ -134,3 +134,10 @@ def test_autoscaler_off_survives_yaml_booleans(tmp_path, write_profile):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(s) + "autoscaler: {policy: off}\n")  # YAML 1.1: off is false
     assert load(path).autoscaler is None
+
+
+def test_a_mode_without_kv_cache_simulates_and_says_so(tmp_path):
+    proc = run("sim.cli", "scenarios/experiments/single-request.yaml", "--set", "deployment.mode=fp32-nocache",
+               "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    assert "no KV cache in this mode" in proc.stdout
