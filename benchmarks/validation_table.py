@@ -21,8 +21,8 @@ def main() -> None:
     print("| arrivals · batching | load | " + " | ".join(label for _, label in KEYS)
           + " | live run-to-run (max) | device speed, live / profile | engine overhead, ms/step: priced · live |")
     print("|---|---|" + "---|" * len(KEYS) + "---|---|---|")
-    for path in sorted(folder.glob("*/validation.json")):
-        result = json.loads(path.read_text())
+    results = [json.loads(path.read_text()) for path in sorted(folder.glob("*/validation.json"))]
+    for result in results:
         for case in result["cases"]:
             cmp, fixed = case["comparison"], case["comparison_at_run_speed"]
             noise = max(cmp[k]["noise"] for k, _ in KEYS if cmp[k]["noise"] is not None)
@@ -34,8 +34,7 @@ def main() -> None:
                   + f" | {noise:.0%} | {case['device_speed']:.2f} | {overhead['profile'] * 1000:.2f} · {live} |")
     print()
     for label, which in (("prediction", "comparison"), ("at run speed", "comparison_at_run_speed")):
-        errors = [abs(case[which][k]["error"]) for path in sorted(folder.glob("*/validation.json"))
-                  for case in json.loads(path.read_text())["cases"] for k, _ in KEYS[:4]]
+        errors = [abs(case[which][k]["error"]) for result in results for case in result["cases"] for k, _ in KEYS[:4]]
         within = sum(e <= 0.10 for e in errors)
         print(f"{label}: TTFT/E2E p50/p90 within 10%: {within} of {len(errors)}; "
               f"median |error| {sorted(errors)[len(errors) // 2]:.0%}, max {max(errors):.0%}")

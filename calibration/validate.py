@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         # The device's speed drifts (on a shared VM by tens of percent over a minute), so each
         # load's simulation is priced by a profile of the scenario's shapes swept before, between
         # and after its live runs: the profile and the live runs see the same device. The shipped
-        # profile's prediction is reported beside it.
+        # profile's prediction is kept beside it in validation.json.
         from calibration.profile import parse as parse_profile
         from profiler.cli import device_info, profile_record
         from profiler.measure import Bench, GridSamples, ModeSpec, device_peaks, mode_record

@@ -48,7 +48,6 @@ class LiveEngine:
         self.model, self.device = model, device
         self.vocab = model.config.vocab_size
         self.batch: Batch | None = None
-        self.forward_s = 0.0  # seconds inside the model during the current step
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -66,39 +65,42 @@ class LiveEngine:
 
     def run_step(self, step) -> float:
         """Execute one scheduler Step as a real forward pass; returns the seconds inside the model."""
-        self.forward_s = 0.0
         with torch.inference_mode():
             if step.prefill:
-                self._prefill([r for r, _ in step.prefill], [c for _, c in step.prefill])
+                seconds = self._prefill([r for r, _ in step.prefill], [c for _, c in step.prefill])
             else:
-                self._decode()
+                seconds = self._decode()
         self.sync()
-        return self.forward_s
+        return seconds
 
-    def _forward(self, **inputs):
+    def _forward(self, **inputs) -> tuple[object, float]:
+        """The model's output and the seconds it took (device synchronised)."""
         start = time.perf_counter()
         out = self.model(**inputs)
         self.sync()
-        self.forward_s += time.perf_counter() - start
-        return out
+        return out, time.perf_counter() - start
 
-    def _prefill(self, reqs: list[Request], lengths: list[int]) -> None:
+    def _prefill(self, reqs: list[Request], lengths: list[int]) -> float:
         longest = max(lengths)
         ids = self._ids(len(reqs), longest)
         mask = torch.zeros(len(reqs), longest, dtype=torch.long, device=self.device)
         for i, n in enumerate(lengths):
             mask[i, longest - n:] = 1
         padded = bool((mask == 0).any())
-        out = self._forward(input_ids=ids, attention_mask=mask if padded else None, use_cache=True, logits_to_keep=1)
+        out, seconds = self._forward(input_ids=ids, attention_mask=mask if padded else None, use_cache=True,
+                                     logits_to_keep=1)
         new = Batch(reqs, out.past_key_values, mask)
         self.batch = new if self.batch is None else _concatenate(self.batch, new)
+        return seconds
 
-    def _decode(self) -> None:
+    def _decode(self) -> float:
         batch = self.batch
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         padded = bool((batch.mask == 0).any())
-        self._forward(input_ids=self._ids(len(batch.rows), 1), attention_mask=batch.mask if padded else None,
-                      past_key_values=batch.cache, use_cache=True)
+        _, seconds = self._forward(input_ids=self._ids(len(batch.rows), 1),
+                                   attention_mask=batch.mask if padded else None,
+                                   past_key_values=batch.cache, use_cache=True)
+        return seconds
 
     def keep(self, running: set[int]) -> None:
         """Drop the rows of requests that left the batch, and padding no row needs any more."""
