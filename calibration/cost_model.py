@@ -14,6 +14,8 @@ part less the fixed per-pass overhead, which it pays once.
 Every step also pays the serving engine's own overhead outside the model (scheduling, cache
 bookkeeping, preparing inputs), which the profile measures by running the live engine: on a
 small model it is several percent of a step, and a simulator that leaves it out is optimistic.
+And the first pass after the device sat idle pays the wake penalty the profile measured for that
+gap (cold caches, lowered clocks): at low load that is most requests' first pass.
 """
 
 from __future__ import annotations
@@ -168,6 +170,8 @@ class CostModel:
         self.copy_s_per_token = 2 * mode.kv_bytes_per_token / copy_bytes_per_s if copy_bytes_per_s else 0.0
         self.prefill = Surface(mode.prefill, quadratic=True)
         self.decode = Surface(mode.decode, quadratic=not mode.kv_cache)
+        self._wake_gaps = [0.0, *mode.wake.gap_s]
+        self._wake_extra = [0.0, *mode.wake.extra_s]
         conc = mode.concurrency
         self._workers = np.array(sorted(conc), float)
         self._slowdown = np.array([conc[int(w)] for w in self._workers]) / conc[1] if 1 in conc else None
@@ -180,6 +184,17 @@ class CostModel:
         if workers > ws[-1]:  # beyond the measured range: time-slicing, proportional
             return float(sd[-1] * workers / ws[-1])
         return float(np.interp(workers, ws, sd))
+
+    def wake_time(self, idle_s: float) -> float:
+        """Extra seconds of a pass after the device sat idle for `idle_s`: interpolated between
+        the measured gaps, none after no gap, the longest gap's figure after any longer one."""
+        if idle_s <= 0.0:
+            return 0.0
+        gaps, extra = self._wake_gaps, self._wake_extra
+        if idle_s >= gaps[-1]:
+            return extra[-1]
+        i = bisect_right(gaps, idle_s)
+        return extra[i - 1] + (extra[i] - extra[i - 1]) * (idle_s - gaps[i - 1]) / (gaps[i] - gaps[i - 1])
 
     def prefill_time(self, seqs: int, length: float) -> float:
         return self.prefill.at(seqs, length)

@@ -1,8 +1,8 @@
 """The profile file: costs measured by `profile` on one device for one model.
 
 A profile is JSON. Each *mode* (e.g. `fp32-nocache`, `bf16`, `bf16-compiled`) holds two timing
-grids — prefill over batch x prompt length, decode over batch x context — plus memory figures,
-so a scenario can pick the mode it deploys. Missing grid points (out of memory) are null.
+grids — prefill over batch x prompt length, decode over batch x context — plus memory figures
+and what the first pass after an idle gap costs extra, so a scenario can pick the mode it deploys. Missing grid points (out of memory) are null.
 Beside the modes: the device's copy rate, the model's load time, and the serving engine's
 overhead per step outside the model.
 """
@@ -20,7 +20,7 @@ from sim.errors import InputError
 from sim.fields import Fields
 from sim.files import write_atomic
 
-SCHEMA_VERSION = 2  # 2: engine_overhead_s
+SCHEMA_VERSION = 3  # 2: engine_overhead_s; 3: each mode's wake penalty
 SHIPPED = Path(__file__).parent / "profiles"
 
 
@@ -34,6 +34,14 @@ class Grid:
 
 
 @dataclass(frozen=True)
+class Wake:
+    """Extra seconds of the first pass after the device sat idle for each gap (ascending)."""
+
+    gap_s: tuple[float, ...]
+    extra_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class Mode:
     name: str
     dtype: str
@@ -44,6 +52,7 @@ class Mode:
     prefill: Grid
     decode: Grid
     concurrency: dict[int, float]  # workers sharing the device -> decode step seconds
+    wake: Wake
     raw: dict[str, Any]
 
 
@@ -125,6 +134,17 @@ def _grid(section: Fields, x_key: str) -> Grid:
     return Grid(np.array(batch, dtype=float), np.array(x, dtype=float), seconds)
 
 
+def _wake(section: Fields) -> Wake:
+    gaps = section.nums("gap_s", positive=True)
+    extra = section.nums("extra_s", low=0)
+    if sorted(set(gaps)) != gaps:
+        section.fail("must be strictly ascending", "gap_s")
+    if len(extra) != len(gaps):
+        section.fail(f"expected {len(gaps)} values (one per gap)", "extra_s")
+    section.done()
+    return Wake(tuple(gaps), tuple(extra))
+
+
 def parse(data: Any, path: str) -> Profile:
     top = Fields(data, path)
     version = top.raw("schema_version")
@@ -158,6 +178,7 @@ def parse(data: Any, path: str) -> Profile:
             prefill=_grid(m.section("prefill", required=True), "length"),
             decode=_grid(m.section("decode", required=True), "context"),
             concurrency=concurrency,
+            wake=_wake(m.section("wake", required=True)),
             raw=m.data,
         )
         for key in ("compile_s", "max_batch", "peak_flops", "notes"):

@@ -89,8 +89,10 @@ def compare(live: list[dict], sim: dict) -> dict:
 
 def device_speed(runs, cost) -> float:
     """Time the live runs spent inside the model over what the profile predicts for the same
-    steps: 1.1 means the device ran 10% slower during the runs than while the profile was swept."""
-    predicted = sum(cost.forward_time(step) for run in runs for step in run.steps)
+    steps after the same idle gaps: 1.1 means the device ran 10% slower during the runs than
+    while the profile was swept."""
+    predicted = sum(cost.forward_time(step) + cost.wake_time(idle)
+                    for run in runs for step, idle in zip(run.steps, run.idle_s))
     return float(sum(run.forward_s.sum() for run in runs) / predicted)
 
 
@@ -201,11 +203,14 @@ def main(argv=None) -> int:
         mode_spec = ModeSpec.parse(scenario.deployment.mode)
         grid = replace(scenario_grid(scenario, base), passes=args.runs + 1)
         bench = Bench(model, device, mode_spec, grid)
+        wake = bench.wake_penalty()
+        log(f"first pass after {wake['gap_s'][-1] * 1e3:g} ms idle: {wake['extra_s'][-1] * 1e3:.2f} ms slower")
         peaks = device_peaks(device, [mode_spec.dtype])
         info = device_info(device) | {"copy_bytes_per_s": peaks["copy_bytes_per_s"]}
 
         def profile_of(samples: GridSamples) -> tuple[dict, object]:
-            modes = {mode_spec.name: mode_record(bench, samples.summary(), peaks["matmul_flops"].get(mode_spec.dtype))}
+            modes = {mode_spec.name: mode_record(bench, samples.summary(), peaks["matmul_flops"].get(mode_spec.dtype),
+                                                 wake=wake)}
             raw = profile_record(model, profile.model_name, model_load_s, overhead, info, modes, grid,
                                  f"{profile.name}-validate", "validate: swept before, between and after the live runs")
             return raw, parse_profile(raw, "in-process profile")

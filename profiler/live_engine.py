@@ -156,6 +156,7 @@ class LiveRun:
     steps: list[Step]  # every step the scheduler formed, in order
     loop_s: np.ndarray  # per step: the serving loop's seconds, from scheduling to cache cleanup
     forward_s: np.ndarray  # per step: seconds inside the model's forward passes
+    idle_s: np.ndarray  # per step: seconds the model sat idle before it (inf for the first)
 
     @property
     def overhead_s(self) -> float:
@@ -172,8 +173,9 @@ def run_live(engine: LiveEngine, scheduler, trace: Trace) -> LiveRun:
     times = trace.arrived_at.tolist()
     prompt, output = trace.prompt_tokens.tolist(), trace.output_tokens.tolist()
     done = released = 0
-    steps, loop_s, forward_s = [], [], []
+    steps, loop_s, forward_s, idle_s = [], [], [], []
     engine.batch = None
+    last_end = -math.inf
     start = time.perf_counter()
 
     def record(r: Request) -> None:
@@ -200,12 +202,14 @@ def run_live(engine: LiveEngine, scheduler, trace: Trace) -> LiveRun:
             time.sleep(max(wake - (time.perf_counter() - start), 0.0))
             continue
         steps.append(step)
+        idle_s.append(time.perf_counter() - last_end)
         forward_s.append(engine.run_step(step))
+        last_end = time.perf_counter()
         for r in scheduler.postprocess(step, time.perf_counter() - start):
             record(r)
         engine.keep(running_ids(scheduler))
         loop_s.append(time.perf_counter() - top)
-    return LiveRun(outcome, steps, np.array(loop_s), np.array(forward_s))
+    return LiveRun(outcome, steps, np.array(loop_s), np.array(forward_s), np.array(idle_s))
 
 
 def measure_overhead(engine: LiveEngine, requests: int = 32) -> float:

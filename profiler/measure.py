@@ -9,10 +9,11 @@ tensors of the model's own cache shape (the cost does not depend on their values
 
 from __future__ import annotations
 
+import random
 import statistics
-from contextlib import nullcontext
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,17 +33,19 @@ class GridSpec:
     max_point_s: float = 1.5  # stop repeating a slow point after this long (2 repeats at least)
     passes: int = 3  # sweeps over the whole grid: a burst of device noise hits one pass, not every sample
     concurrency_workers: tuple[int, ...] = (1, 2, 4, 8)
+    wake_gaps_s: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1)  # idle gaps before a pass (wake_penalty)
+    wake_rounds: int = 20
 
 
 GRIDS = {
     "cpu": GridSpec((1, 2, 4, 8), (16, 64, 256, 1024), (1, 2, 4, 8, 16, 32), (64, 256, 1024, 4096),
                     repeats=3, max_point_s=0.5),
     "cpu-quick": GridSpec((1, 4), (16, 128), (1, 4), (64, 256), warmup=1, repeats=3, max_point_s=0.3,
-                          passes=1, concurrency_workers=(1, 2)),
+                          passes=1, concurrency_workers=(1, 2), wake_rounds=5),
     "cuda": GridSpec((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048, 4096),
                      (1, 2, 4, 8, 16, 32, 64, 128, 256), (128, 512, 1024, 2048, 4096, 8192), repeats=5, passes=2),
     "cuda-quick": GridSpec((1, 8), (128, 1024), (1, 16, 64), (128, 2048), warmup=2, repeats=5, passes=1,
-                           concurrency_workers=(1, 2)),
+                           concurrency_workers=(1, 2), wake_rounds=5),
 }
 
 
@@ -163,6 +166,37 @@ class Bench:
         # of the smallest grid context, which is what a real decode run does too.
         return self.time(lambda: self.forward(input_ids=ids, past_key_values=cache, use_cache=True))
 
+    def wake_penalty(self) -> dict:
+        """Extra seconds a pass takes when the device sat idle for a while before it.
+
+        A server at low load idles between requests, and its first pass after a gap runs slower:
+        on a CPU the model's weights have left the caches (a small model's weights are about
+        the size of the last-level cache), on a GPU the clocks have dropped. Back-to-back grid
+        sweeps never see this. Measured on a one-prompt prefill (what usually ends an idle gap)
+        of the grid's middle length (the shorter of two middles), with the gaps shuffled within
+        each round so drift cancels.
+        """
+        spec = self.spec
+        ids = self._ids(1, spec.prefill_length[(len(spec.prefill_length) - 1) // 2])
+        times: dict[float, list[float]] = {gap: [] for gap in (0.0, *spec.wake_gaps_s)}
+        order = list(times)
+        rng = random.Random(0)
+        with torch.inference_mode():
+            for _ in range(spec.warmup):
+                self.forward(input_ids=ids, use_cache=self.mode.kv_cache, logits_to_keep=1)
+            self.sync()
+            for _ in range(spec.wake_rounds):
+                rng.shuffle(order)
+                for gap in order:  # each timed pass follows the previous one, then the gap
+                    time.sleep(gap)
+                    start = time.perf_counter()
+                    self.forward(input_ids=ids, use_cache=self.mode.kv_cache, logits_to_keep=1)
+                    self.sync()
+                    times[gap].append(time.perf_counter() - start)
+        busy = statistics.median(times[0.0])
+        extra = [max(statistics.median(times[gap]) - busy, 0.0) for gap in spec.wake_gaps_s]
+        return {"gap_s": list(spec.wake_gaps_s), "extra_s": non_decreasing(extra)}
+
     def concurrency(self, workers: int, context: int = 256, steps: int = 20) -> float:
         """Mean decode-step seconds per worker when `workers` threads share the device, each
         decoding its own batch-1 request (seed 000's oversubscription experiment)."""
@@ -189,6 +223,19 @@ class Bench:
         for t in threads:
             t.join()
         return statistics.mean(results)
+
+
+def non_decreasing(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators): a longer
+    idle gap cannot leave the device warmer, so a dip between gaps is noise and is averaged out."""
+    blocks: list[list[float]] = []  # [sum, count] of pooled neighbours
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(int(count))]
 
 
 def device_peaks(device: torch.device, dtypes: list[str]) -> dict:
@@ -332,6 +379,9 @@ def measure_modes(model, device: torch.device, modes: list[ModeSpec], spec: Grid
         samples = GridSamples(bench, spec)
         for _ in range(spec.passes):
             samples.sweep(bar)
+        bar.set_postfix_str(f"{mode.name} first pass after the device sat idle")
+        wake = bench.wake_penalty()
+        bar.update(1)
         conc = []
         for k in spec.concurrency_workers:
             bar.set_postfix_str(f"{mode.name} {k} workers sharing the device")
@@ -340,7 +390,7 @@ def measure_modes(model, device: torch.device, modes: list[ModeSpec], spec: Grid
         out[mode.name] = mode_record(
             bench, samples.summary(), peaks["matmul_flops"].get(mode.dtype),
             compile_s=time.perf_counter() - compile_start if mode.compiled else None,
-            max_batch=max_batch(bench, spec.decode_context[-1], spec.decode_batch[-1]),
+            max_batch=max_batch(bench, spec.decode_context[-1], spec.decode_batch[-1]), wake=wake,
             concurrency={"workers": list(spec.concurrency_workers), "step_s": conc, "context": 256, "batch": 1})
     return {"modes": out, "copy_bytes_per_s": peaks["copy_bytes_per_s"]}
 
@@ -349,5 +399,5 @@ def grid_points(spec: GridSpec, modes: list[ModeSpec]) -> int:
     """How many measurements `measure_modes` makes (for the progress bar)."""
     prefill = len(spec.prefill_batch) * len(spec.prefill_length)
     decode = len(spec.decode_batch) * len(spec.decode_context)
-    return sum(spec.passes * (prefill + (decode if m.kv_cache else prefill)) + len(spec.concurrency_workers)
+    return sum(spec.passes * (prefill + (decode if m.kv_cache else prefill)) + len(spec.concurrency_workers) + 1
                for m in modes)

@@ -138,6 +138,13 @@ class Worker:
                     pass
                 self.wakeable = False
                 continue
+            # A device that sat idle runs its next pass slower (the profile's wake penalty).
+            replica = self.replica
+            idle = env.now - replica.last_pass_end if replica.passes_running == 0 else 0.0
+            replica.passes_running += 1
+            if idle > 0.0 and (wake := cost.wake_time(idle)):
+                yield env.timeout(wake)
+                sim.busy_s += wake
             start = env.now
             if step.prefill_seqs or step.max_repeat == 1 or not sim.jump:
                 repeat, elapsed = 1, cost.step_time(step) * slowdown
@@ -156,6 +163,8 @@ class Worker:
                     elapsed = cost.decode_run(step.decode_seqs, step.decode_context, repeat) * slowdown
                     yield env.timeout(max(start + elapsed - env.now, 0.0))
                 self.wakeable = False
+            replica.passes_running -= 1
+            replica.last_pass_end = env.now
             sim.busy_s += elapsed
             sim.batch_sizes[step.prefill_seqs + step.decode_seqs] += repeat
             for r in sched.postprocess(step, env.now, repeat):
@@ -177,6 +186,8 @@ class Replica:
     ready: bool = False
     draining: bool = False
     stopped_at: float = math.inf
+    last_pass_end: float = -math.inf  # when the device last finished a forward pass
+    passes_running: int = 0  # its workers' passes in flight: while any runs, the device is not idle
 
 
 class Simulation:

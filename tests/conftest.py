@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def synthetic_profile(prefill=lambda b, p: 0.01, decode=lambda b, c: 0.001, memory_bytes=10**12,
                       weights_bytes=10**6, kv_bytes_per_token=1000, model_load_s=5.0, concurrency=None,
-                      engine_overhead_s=0.0) -> dict:
+                      engine_overhead_s=0.0, wake=((0.01, 0.1), (0.0, 0.0))) -> dict:
     """A valid profile whose grid holds prefill(b, p) and decode(b, c) seconds."""
     batches, lengths, contexts = [1, 2, 4, 8, 16, 32, 64], [16, 64, 256, 1024, 4096], [16, 64, 256, 1024, 4096]
     mode = {
@@ -24,6 +24,7 @@ def synthetic_profile(prefill=lambda b, p: 0.01, decode=lambda b, c: 0.001, memo
         "weights_bytes": weights_bytes, "kv_bytes_per_token": kv_bytes_per_token,
         "prefill": {"batch": batches, "length": lengths, "median_s": [[prefill(b, p) for p in lengths] for b in batches]},
         "decode": {"batch": batches, "context": contexts, "median_s": [[decode(b, c) for c in contexts] for b in batches]},
+        "wake": {"gap_s": list(wake[0]), "extra_s": list(wake[1])},
     }
     if concurrency:
         mode["concurrency"] = {"workers": list(concurrency), "step_s": list(concurrency.values())}

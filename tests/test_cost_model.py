@@ -52,6 +52,15 @@ def test_every_step_pays_the_engine_overhead_once():
     assert loaded.decode_run(4, 400, 10) == pytest.approx(bare.decode_run(4, 400, 10) + 10 * 0.002)
 
 
+def test_wake_penalty_interpolates_between_measured_gaps():
+    mode = parse(synthetic_profile(wake=((0.001, 0.01, 0.1), (0.0005, 0.002, 0.003))), "synthetic").modes["fp16"]
+    cm = CostModel(mode)
+    assert cm.wake_time(0.0) == 0.0  # a pass straight after another
+    assert cm.wake_time(0.0005) == pytest.approx(0.00025)  # from nothing at no gap to the first measured
+    assert cm.wake_time(0.0055) == pytest.approx(0.00125)
+    assert cm.wake_time(0.1) == cm.wake_time(60.0) == cm.wake_time(float("inf")) == 0.003
+
+
 def test_extrapolation_follows_the_physical_shape_and_stays_positive():
     # A surface that is exactly of the regression's shape is recovered beyond the grid.
     prefill = lambda b, p: 0.002 + 1e-4 * b + 2e-6 * b * p + 1e-10 * b * p * p  # noqa: E731

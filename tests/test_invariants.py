@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import base_scenario
@@ -46,7 +47,8 @@ def check_invariants(run, frame: pd.DataFrame, summary: dict, scenario: dict) ->
 def test_random_scenarios_keep_invariants_and_jumps_change_nothing(
         write_profile, write_scenario, policy, chunked, padded, replicas, rate, kv_tokens, max_seqs, budget, router, seed):
     profile = write_profile(prefill=lambda b, p: 0.003 + 2e-6 * b * p,
-                            decode=lambda b, c: 0.002 + 1e-4 * b + 1e-8 * b * c, engine_overhead_s=3e-4)
+                            decode=lambda b, c: 0.002 + 1e-4 * b + 1e-8 * b * c, engine_overhead_s=3e-4,
+                            wake=((0.005, 0.05), (0.001, 0.002)))
     batching = {"policy": policy}
     if policy == "continuous":
         batching |= {"max_num_seqs": max_seqs, "max_batched_tokens": budget, "chunked_prefill": chunked,
@@ -112,3 +114,16 @@ def test_dynamic_batching_flushes_after_max_wait(write_profile, write_scenario):
     # At 2 req/s a batch of 64 never fills: each batch starts 200 ms after its oldest arrived.
     first_of_batch = frame.groupby("scheduled_at")["arrived_at"].min()
     assert np.allclose(first_of_batch.index - first_of_batch.to_numpy(), 0.2)
+
+
+def test_a_pass_after_an_idle_gap_pays_the_wake_penalty(tmp_path, write_profile, write_scenario):
+    # 5 ms extra after 100 ms idle or more; nothing when a pass follows another directly.
+    profile = write_profile(prefill=lambda b, p: 0.01, wake=((0.01, 0.1), (0.002, 0.005)))
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,16,1\n0.5,16,1\n0.502,16,1\n")
+    s = base_scenario(profile, batching={"policy": "continuous", "max_num_seqs": 1})
+    s["workload"] = {"arrivals": {"kind": "trace", "trace": str(trace)}}
+    _, frame, _ = run_scenario(write_scenario(s))
+    # The first two find the device idle (cold, then 485 ms since the last pass); the third
+    # queues behind the second and runs straight after it.
+    assert frame["ttft_s"].tolist() == pytest.approx([0.015, 0.015, 0.015 + 0.01 - 0.002])

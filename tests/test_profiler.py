@@ -29,6 +29,10 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     assert profile.model_load_s > 0 and set(cached.concurrency) == {1, 2}
     # The live engine's loop outside the model: real, and far below a step of the model itself.
     assert 0 < profile.engine_overhead_s < float(cached.decode.seconds.min())
+    # The wake penalty: one figure per idle gap, never shrinking as the gap grows.
+    for mode in (cached, baseline):
+        extra = mode.wake.extra_s
+        assert len(extra) == len(mode.wake.gap_s) and min(extra) >= 0 and list(extra) == sorted(extra)
     raw = json.loads(out.read_text())
     assert raw["device"]["type"] == "cpu" and raw["device"]["copy_bytes_per_s"] > 0
     assert (tmp_path / "cpu-tiny.html").stat().st_size > 100_000  # the Plotly report beside it
@@ -43,3 +47,12 @@ def test_corrupt_profile_is_never_half_written(tmp_path):
         save({"bad": object()}, target)  # not JSON-serialisable: the old file must survive intact
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["p.json"]
+
+
+def test_wake_penalty_noise_is_pooled_into_a_non_decreasing_curve():
+    pytest.importorskip("torch")
+    from profiler.measure import non_decreasing
+
+    assert non_decreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    assert non_decreasing([2.6, 0.7, 1.7, 3.9]) == pytest.approx([1.65, 1.65, 1.7, 3.9])
+    assert non_decreasing([3.0, 2.0, 1.0]) == [2.0, 2.0, 2.0]
