@@ -2,7 +2,8 @@
 
 A profile is JSON. Each *mode* (e.g. `fp32-nocache`, `bf16`, `bf16-compiled`) holds two timing
 grids — prefill over batch x prompt length, decode over batch x context — plus memory figures
-and what the first pass after an idle gap costs extra, so a scenario can pick the mode it deploys. Missing grid points (out of memory) are null.
+and what the first pass after an idle gap costs extra, so a scenario can pick the mode it
+deploys. Missing grid points (out of memory) are null.
 Beside the modes: the device's copy rate, the model's load time, and the serving engine's
 overhead per step outside the model.
 """
