@@ -9,6 +9,7 @@ the live runs, then the same with forward times scaled by how fast the device ra
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def main() -> None:
         errors = [abs(case[which][k]["error"]) for result in results for case in result["cases"] for k, _ in KEYS[:4]]
         within = sum(e <= 0.10 for e in errors)
         print(f"{label}: TTFT/E2E p50/p90 within 10%: {within} of {len(errors)}; "
-              f"median |error| {sorted(errors)[len(errors) // 2]:.0%}, max {max(errors):.0%}")
+              f"median |error| {statistics.median(errors):.0%}, max {max(errors):.0%}")
 
 
 if __name__ == "__main__":

@@ -178,20 +178,23 @@ class Bench:
         """
         spec = self.spec
         ids = self._ids(1, spec.prefill_length[(len(spec.prefill_length) - 1) // 2])
+
+        def one_pass() -> None:
+            self.forward(input_ids=ids, use_cache=self.mode.kv_cache, logits_to_keep=1)
+            self.sync()
+
         times: dict[float, list[float]] = {gap: [] for gap in (0.0, *spec.wake_gaps_s)}
         order = list(times)
         rng = random.Random(0)
         with torch.inference_mode():
             for _ in range(spec.warmup):
-                self.forward(input_ids=ids, use_cache=self.mode.kv_cache, logits_to_keep=1)
-            self.sync()
+                one_pass()
             for _ in range(spec.wake_rounds):
                 rng.shuffle(order)
                 for gap in order:  # each timed pass follows the previous one, then the gap
                     time.sleep(gap)
                     start = time.perf_counter()
-                    self.forward(input_ids=ids, use_cache=self.mode.kv_cache, logits_to_keep=1)
-                    self.sync()
+                    one_pass()
                     times[gap].append(time.perf_counter() - start)
         busy = statistics.median(times[0.0])
         extra = [max(statistics.median(times[gap]) - busy, 0.0) for gap in spec.wake_gaps_s]
