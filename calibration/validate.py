@@ -108,7 +108,7 @@ def scaled(raw: dict, mode: str, factor: float) -> dict:
 
 def scenario_grid(scenario, trace):
     """A profile grid covering exactly the shapes this scenario's batches can take."""
-    from profiler.measure import GridSpec
+    from profiler.measure import GridSpec, decode_batches
 
     def powers(low: int, high: int) -> tuple[int, ...]:
         out = [low]
@@ -120,7 +120,7 @@ def scenario_grid(scenario, trace):
     rows = b.max_num_seqs if b.policy == "continuous" else b.max_batch_size
     longest = int(trace.prompt_tokens.max())
     context = int((trace.prompt_tokens + trace.output_tokens).max())
-    return GridSpec(powers(1, rows), powers(16, longest), powers(1, rows), powers(32, context),
+    return GridSpec(powers(1, rows), powers(16, longest), decode_batches(rows), powers(32, context),
                     warmup=2, repeats=3, max_point_s=0.3, concurrency_workers=(1,))
 
 

@@ -56,3 +56,13 @@ def test_wake_penalty_noise_is_pooled_into_a_non_decreasing_curve():
     assert non_decreasing([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
     assert non_decreasing([2.6, 0.7, 1.7, 3.9]) == pytest.approx([1.65, 1.65, 1.7, 3.9])
     assert non_decreasing([3.0, 2.0, 1.0]) == [2.0, 2.0, 2.0]
+
+
+def test_decode_grid_measures_every_small_batch_not_only_the_fast_powers_of_two():
+    pytest.importorskip("torch")
+    from profiler.measure import GRIDS, decode_batches
+
+    assert decode_batches(32) == (*range(1, 17), 24, 32)
+    assert decode_batches(20) == (*range(1, 17), 20)  # the scheduler's own limit is always measured
+    assert decode_batches(6) == (1, 2, 3, 4, 5, 6)
+    assert GRIDS["cpu"].decode_batch == decode_batches(32)
