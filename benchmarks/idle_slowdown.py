@@ -25,6 +25,8 @@ import torch
 
 from profiler.measure import GRIDS, Bench, ModeSpec, reuse_cpu_memory
 from profiler.models import build, lookup
+from sim.cli_util import run_command
+from sim.errors import InputError
 
 GAPS_S = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3)
 WINDOWS_S = ((0.0, 0.1), (0.1, 0.3), (0.3, 0.6), (0.6, 1.0))
@@ -37,6 +39,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--rounds", type=int, default=8)
     args = p.parse_args()
+    for name in ("batch", "context", "rounds"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name}: must be at least 1")
     torch.set_num_threads(1)
     reuse_cpu_memory()
     device = torch.device("cpu")
@@ -79,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))
