@@ -1,9 +1,11 @@
 """Simulator speed: simulated requests per second of wall time, and peak memory.
 
 The issue's target: 1,000,000 requests with Azure-conversation lengths, continuous batching,
-8 replicas, in under 60 s and 2 GB on one core. Usage:
+8 replicas, in under 60 s and 2 GB on one core. The arrival rate is a fixed fraction of what
+the 8 replicas can serve (found by flooding them with 20,000 requests of the same mix), so the
+benchmark keeps the same load whichever profile prices it. Usage:
 
-    python benchmarks/sim_speed.py [--requests 1000000] [--rate 6]
+    taskset -c 0 python benchmarks/sim_speed.py [--requests 1000000] [--load 0.7]
 """
 
 from __future__ import annotations
@@ -36,20 +38,27 @@ deployment:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=1_000_000)
-    p.add_argument("--rate", type=float, default=6.0, help="arrivals per second (8 CPU-tiny replicas: ~70%% busy at 6)")
+    p.add_argument("--load", type=float, default=0.7, help="arrival rate as a fraction of saturation (default 0.7)")
     p.add_argument("--profile", default="cpu-gpt2-tiny")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from calibration.profile import load as load_profile
     from sim import results, scenario as scenario_mod, workload
-    from sim.simulator import simulate
+    from sim.simulator import saturation_rps, simulate
+
+    def scenario_at(tmp: str, requests: int, rate: float):
+        path = Path(tmp) / "speed.yaml"
+        path.write_text(SCENARIO.format(n=requests, rate=rate, profile=args.profile,
+                                        trace=ROOT / "scenarios/traces/azure-conv-2023.csv"))
+        return scenario_mod.load(path)
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "speed.yaml"
-        path.write_text(SCENARIO.format(n=args.requests, rate=args.rate, profile=args.profile,
-                                        trace=ROOT / "scenarios/traces/azure-conv-2023.csv"))
+        sample = scenario_at(tmp, 20_000, 1.0)
+        rate = args.load * saturation_rps(sample, load_profile(sample.deployment.profile),
+                                          workload.generate(sample.workload, sample.seed))
+        print(f"{args.load:.0%} of saturation: {rate:.2f} requests/s")
         t0 = time.perf_counter()
-        scenario = scenario_mod.load(path)
+        scenario = scenario_at(tmp, args.requests, rate)
         trace = workload.generate(scenario.workload, scenario.seed)
         t1 = time.perf_counter()
         run = simulate(scenario, load_profile(scenario.deployment.profile), trace)  # timed

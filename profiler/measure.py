@@ -138,12 +138,20 @@ class Bench:
         return sum(2 * heads * dim * itemsize for heads, dim in self.cache_shapes)
 
     def synthetic_cache(self, b: int, context: int):
+        """A KV cache of `context` random tokens per row. All layers start from one random tensor
+        per head shape, shared: the values do not change a pass's cost, the first pass gives each
+        layer its own (a decode step concatenates a new cache tensor), and drawing and copying
+        fresh ones for every layer took more of a CPU profile's time than the passes."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
+        noise: dict[tuple[int, int], torch.Tensor] = {}
         for i, (heads, dim) in enumerate(self.cache_shapes):
-            k = torch.randn(b, heads, context, dim, device=self.device, dtype=self.dtype)
-            cache.update(k, torch.randn_like(k), i)
+            if (heads, dim) not in noise:
+                noise[heads, dim] = torch.randn(b, heads, context, dim, device=self.device, dtype=self.dtype)
+            empty = noise[heads, dim][:, :, :0]
+            cache.update(empty, empty, i)  # sets the layer up for this dtype and device
+            cache.layers[i].keys = cache.layers[i].values = noise[heads, dim]
         return cache
 
     def time(self, call: Callable[[], object]) -> tuple[list[float], int | None]:
@@ -151,8 +159,11 @@ class Bench:
         spec = self.spec
         with torch.inference_mode():
             for _ in range(spec.warmup):
+                start = time.perf_counter()
                 call()
-            self.sync()
+                self.sync()
+                if time.perf_counter() - start > spec.max_point_s:
+                    break  # a pass this slow has paid its one-time costs in its first call
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
             times: list[float] = []
@@ -170,10 +181,8 @@ class Bench:
         return self.time(lambda: self.forward(input_ids=ids, use_cache=use_cache, logits_to_keep=1))
 
     def decode(self, b: int, context: int) -> tuple[list[float], int | None]:
-        """One decode step over `context` cached tokens; without a KV cache, the step recomputes
-        the whole sequence, so it is a forward over context + 1 tokens."""
-        if not self.mode.kv_cache:
-            return self.prefill(b, context + 1)
+        """One decode step over `context` cached tokens (KV-cache modes only: without a cache a
+        decode step is a prefill, see GridSamples)."""
         cache = self.synthetic_cache(b, context)
         ids = self._ids(b, 1)
         # Each call appends one token to the cache: over ~10 calls the context drifts by <1%
@@ -296,17 +305,15 @@ class GridSamples:
     burst of device noise hits one sweep of a point instead of all its samples; and sweeps can
     be interleaved with other work (validate's live runs) to sample the device over that time.
     A point that runs out of memory is null, and so are larger batches at the same length.
+    Without a KV cache a decode step recomputes the whole sequence: a decode step over c tokens
+    is the prefill pass of c + 1, so that mode's decode grid is its prefill grid, not measured twice.
     """
 
     def __init__(self, bench: Bench, spec: GridSpec):
         self.bench = bench
-        nocache = not bench.mode.kv_cache
-        self.grids = [
-            ("prefill", spec.prefill_batch, spec.prefill_length, bench.prefill),
-            # Without a cache a decode step is a prefill-shaped pass, so it shares prefill's grid.
-            ("decode", spec.prefill_batch if nocache else spec.decode_batch,
-             spec.prefill_length if nocache else spec.decode_context, bench.decode),
-        ]
+        self.grids = [("prefill", spec.prefill_batch, spec.prefill_length, bench.prefill)]
+        if bench.mode.kv_cache:
+            self.grids.append(("decode", spec.decode_batch, spec.decode_context, bench.decode))
         self.samples: dict[tuple, list[float]] = {}
         self.peaks: dict[tuple, int | None] = {}
         self.oom: dict[tuple, int] = {}  # (kind, column) -> the smallest batch index that ran out
@@ -352,6 +359,10 @@ class GridSamples:
                     for key, value in zip(keys, values):
                         cells[key][i][j] = value
             out[kind] = {"batch": list(batches), "length" if kind == "prefill" else "context": list(xs), **cells}
+        if "decode" not in out:
+            decode = dict(out["prefill"])
+            decode["context"] = [n - 1 for n in decode.pop("length")]
+            out["decode"] = decode
         return out
 
 
@@ -372,7 +383,9 @@ def max_batch(bench, context: int, start: int) -> dict | None:
         try:
             with torch.inference_mode():
                 cache = bench.synthetic_cache(b, context)
-                bench.forward(input_ids=bench._ids(b, 1), past_key_values=cache, use_cache=True)
+                ids = bench._ids(b, 1)
+                for _ in range(2):  # the second step holds each layer's own cache and its next, as serving does
+                    bench.forward(input_ids=ids, past_key_values=cache, use_cache=True)
             del cache
             fits = b
             b *= 2
@@ -416,5 +429,5 @@ def grid_points(spec: GridSpec, modes: list[ModeSpec]) -> int:
     """How many measurements `measure_modes` makes (for the progress bar)."""
     prefill = len(spec.prefill_batch) * len(spec.prefill_length)
     decode = len(spec.decode_batch) * len(spec.decode_context)
-    return sum(spec.passes * (prefill + (decode if m.kv_cache else prefill)) + len(spec.concurrency_workers) + 1
+    return sum(spec.passes * (prefill + (decode if m.kv_cache else 0)) + len(spec.concurrency_workers) + 1
                for m in modes)

@@ -25,6 +25,9 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     cached, baseline = profile.modes["fp32"], profile.modes["fp32-nocache"]
     assert cached.kv_bytes_per_token == 4 * 2 * 2 * 64 * 4  # layers x (K,V) x kv heads x head dim x fp32
     assert baseline.kv_bytes_per_token == 0 and cached.weights_bytes > 0
+    # Without a cache a decode step over c tokens is the prefill of c + 1: one grid, not measured twice.
+    assert (baseline.decode.x == baseline.prefill.x - 1).all()
+    assert (baseline.decode.seconds == baseline.prefill.seconds).all()
     assert (cached.decode.seconds > 0).all() and (cached.prefill.seconds > 0).all()
     assert profile.model_load_s > 0 and set(cached.concurrency) == {1, 2}
     # The live engine's loop outside the model: real, and far below a step of the model itself.
