@@ -41,10 +41,13 @@ def main() -> None:
     p.add_argument("--load", type=float, default=0.7, help="arrival rate as a fraction of saturation (default 0.7)")
     p.add_argument("--profile", default="cpu-gpt2-tiny")
     args = p.parse_args()
-    sys.path.insert(0, str(ROOT))
     from calibration.profile import load as load_profile
     from sim import results, scenario as scenario_mod, workload
+    from sim.errors import InputError
     from sim.simulator import saturation_rps, simulate
+
+    if args.requests < 1 or args.load <= 0:
+        raise InputError("--requests must be at least 1 and --load above 0")
 
     def scenario_at(tmp: str, requests: int, rate: float):
         path = Path(tmp) / "speed.yaml"
@@ -54,14 +57,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         sample = scenario_at(tmp, 20_000, 1.0)
-        rate = args.load * saturation_rps(sample, load_profile(sample.deployment.profile),
-                                          workload.generate(sample.workload, sample.seed))
+        profile = load_profile(sample.deployment.profile)
+        rate = args.load * saturation_rps(sample, profile, workload.generate(sample.workload, sample.seed))
         print(f"{args.load:.0%} of saturation: {rate:.2f} requests/s")
         t0 = time.perf_counter()
         scenario = scenario_at(tmp, args.requests, rate)
         trace = workload.generate(scenario.workload, scenario.seed)
         t1 = time.perf_counter()
-        run = simulate(scenario, load_profile(scenario.deployment.profile), trace)  # timed
+        run = simulate(scenario, profile, trace)  # timed
         t2 = time.perf_counter()
         frame = results.requests_frame(trace, run.outcome)
         summary = results.summarise(run, scenario, frame)
@@ -75,4 +78,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(ROOT))
+    from sim.cli_util import run_command
+
+    sys.exit(run_command(main))

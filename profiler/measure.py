@@ -359,7 +359,7 @@ class GridSamples:
                     for key, value in zip(keys, values):
                         cells[key][i][j] = value
             out[kind] = {"batch": list(batches), "length" if kind == "prefill" else "context": list(xs), **cells}
-        if "decode" not in out:
+        if not self.bench.mode.kv_cache:
             decode = dict(out["prefill"])
             decode["context"] = [n - 1 for n in decode.pop("length")]
             out["decode"] = decode
