@@ -16,6 +16,12 @@ bookkeeping, preparing inputs), which the profile measures by running the live e
 small model it is several percent of a step, and a simulator that leaves it out is optimistic.
 And the first pass after the device sat idle pays the wake penalty the profile measured for that
 gap (cold caches, lowered clocks): at low load that is most requests' first pass.
+
+Inside a serving loop the model itself also runs slower than in the grid's back-to-back passes
+of one shape (on this project's CPU, 4-9% in the mean over many live runs: the loop's own work
+evicts what the passes keep cached, and shapes change every step). The profile times calibration
+floods through the live engine after each grid sweep; every forward pass is priced at the
+floods' measured seconds over what the grid predicts for the same steps (`serving_factor`).
 """
 
 from __future__ import annotations
@@ -170,6 +176,13 @@ class CostModel:
         self.copy_s_per_token = 2 * mode.kv_bytes_per_token / copy_bytes_per_s if copy_bytes_per_s else 0.0
         self.prefill = Surface(mode.prefill, quadratic=True)
         self.decode = Surface(mode.decode, quadratic=not mode.kv_cache)
+        self.serving_factor = 1.0
+        if mode.flood is not None:
+            f = mode.flood
+            grid = sum(self._grid_time(*shape) for shape in zip(
+                f.prefill_seqs.astype(int).tolist(), f.prefill_len.tolist(), f.decode_seqs.astype(int).tolist(),
+                f.decode_context.tolist()))
+            self.serving_factor = float(f.forward_s.sum()) / grid
         self._wake_gaps = [0.0, *mode.wake.gap_s]
         self._wake_extra = [0.0, *mode.wake.extra_s]
         conc = mode.concurrency
@@ -196,15 +209,10 @@ class CostModel:
         i = bisect_right(gaps, idle_s)
         return extra[i - 1] + (extra[i] - extra[i - 1]) * (idle_s - gaps[i - 1]) / (gaps[i] - gaps[i - 1])
 
-    def prefill_time(self, seqs: int, length: float) -> float:
-        return self.prefill.at(seqs, length)
-
-    def decode_time(self, seqs: int, context_sum: float) -> float:
-        return self.decode.at(seqs, context_sum / seqs)
-
     def decode_run(self, seqs: int, context_sum: float, repeat: int) -> float:
         """Seconds of `repeat` consecutive decode steps, each adding one token per row."""
-        return self.decode.run_sum(seqs, context_sum / seqs, repeat) + repeat * self.engine_overhead_s
+        return (self.decode.run_sum(seqs, context_sum / seqs, repeat) * self.serving_factor
+                + repeat * self.engine_overhead_s)
 
     def decode_steps_done(self, seqs: int, context_sum: float, repeat: int, elapsed: float) -> int:
         """How many steps of such a run have ended `elapsed` seconds after it began.
@@ -221,14 +229,19 @@ class CostModel:
             n += 1
         return n
 
+    def _grid_time(self, prefill_seqs: int, prefill_len: float, decode_seqs: int, decode_context: float) -> float:
+        """Seconds of a forward pass as the grid's back-to-back passes ran it."""
+        if not prefill_seqs:
+            return self.decode.at(decode_seqs, decode_context / decode_seqs)
+        t = self.prefill.at(prefill_seqs, prefill_len)
+        if decode_seqs:
+            t = self.decode.at(decode_seqs, decode_context / decode_seqs) + max(t - self.prefill.overhead, 0.0)
+        return t
+
     def forward_time(self, step) -> float:
         """Seconds inside the model for one scheduler Step (see sim.scheduler)."""
-        if not step.prefill_seqs:
-            return self.decode_time(step.decode_seqs, step.decode_context)
-        t = self.prefill_time(step.prefill_seqs, step.prefill_len)
-        if step.decode_seqs:
-            t = self.decode_time(step.decode_seqs, step.decode_context) + max(t - self.prefill.overhead, 0.0)
-        return t
+        return self._grid_time(step.prefill_seqs, step.prefill_len, step.decode_seqs,
+                               step.decode_context) * self.serving_factor
 
     def step_time(self, step) -> float:
         """Seconds of one Step: the forward pass, the cache copies of a padded engine, the engine's overhead."""

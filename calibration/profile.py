@@ -2,8 +2,9 @@
 
 A profile is JSON. Each *mode* (e.g. `fp32-nocache`, `bf16`, `bf16-compiled`) holds two timing
 grids — prefill over batch x prompt length, decode over batch x context — plus memory figures
-and what the first pass after an idle gap costs extra, so a scenario can pick the mode it
-deploys. Missing grid points (out of memory) are null.
+what the first pass after an idle gap costs extra, and (with a KV cache) the steps of calibration
+floods through the live engine, so a scenario can pick the mode it deploys. Missing grid points
+(out of memory) are null.
 Beside the modes: the device's copy rate, the model's load time, and the serving engine's
 overhead per step outside the model.
 """
@@ -21,7 +22,7 @@ from sim.errors import InputError
 from sim.fields import Fields
 from sim.files import write_atomic
 
-SCHEMA_VERSION = 3  # 2: engine_overhead_s; 3: each mode's wake penalty
+SCHEMA_VERSION = 4  # 2: engine_overhead_s; 3: each mode's wake penalty; 4: calibration floods
 SHIPPED = Path(__file__).parent / "profiles"
 
 
@@ -43,6 +44,17 @@ class Wake:
 
 
 @dataclass(frozen=True)
+class Flood:
+    """The steps of calibration floods through the live engine: one entry per forward pass."""
+
+    prefill_seqs: np.ndarray
+    prefill_len: np.ndarray
+    decode_seqs: np.ndarray
+    decode_context: np.ndarray
+    forward_s: np.ndarray  # seconds inside the model
+
+
+@dataclass(frozen=True)
 class Mode:
     name: str
     dtype: str
@@ -54,6 +66,7 @@ class Mode:
     decode: Grid
     concurrency: dict[int, float]  # workers sharing the device -> decode step seconds
     wake: Wake
+    flood: Flood | None  # None without a KV cache: the live engine needs one
     raw: dict[str, Any]
 
 
@@ -146,6 +159,22 @@ def _wake(section: Fields) -> Wake:
     return Wake(tuple(gaps), tuple(extra))
 
 
+def _flood(section: Fields) -> Flood:
+    columns = {key: section.nums(key, low=0) for key in Flood.__dataclass_fields__}
+    steps = len(columns["forward_s"])
+    for key, values in columns.items():
+        if len(values) != steps:
+            section.fail(f"expected {steps} values (one per step, as forward_s has)", key)
+    for i in range(steps):
+        if columns["forward_s"][i] <= 0:
+            section.fail(f"must be > 0, got {columns['forward_s'][i]!r}", f"forward_s[{i}]")
+        if not (columns["prefill_seqs"][i] and columns["prefill_len"][i]) and not (
+                columns["decode_seqs"][i] and columns["decode_context"][i]):
+            section.fail(f"step {i} has neither a prefill nor a decode part")
+    section.done()
+    return Flood(**{key: np.array(values, dtype=float) for key, values in columns.items()})
+
+
 def parse(data: Any, path: str) -> Profile:
     top = Fields(data, path)
     version = top.raw("schema_version")
@@ -180,6 +209,7 @@ def parse(data: Any, path: str) -> Profile:
             decode=_grid(m.section("decode", required=True), "context"),
             concurrency=concurrency,
             wake=_wake(m.section("wake", required=True)),
+            flood=_flood(flood) if (flood := m.section("flood")) is not None else None,
             raw=m.data,
         )
         for key in ("compile_s", "max_batch", "peak_flops", "notes"):

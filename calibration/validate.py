@@ -97,11 +97,14 @@ def device_speed(runs, cost) -> float:
 
 
 def scaled(raw: dict, mode: str, factor: float) -> dict:
-    """A profile file whose forward-pass times in `mode` are `factor` times the measured ones."""
+    """A profile file whose forward-pass times in `mode` are `factor` times the measured ones
+    (the grids' and the calibration floods', so their ratio, the serving factor, stays)."""
     out = json.loads(json.dumps(raw))
     for kind in ("prefill", "decode"):
         grid = out["modes"][mode][kind]
         grid["median_s"] = [[None if v is None else v * factor for v in row] for row in grid["median_s"]]
+    flood = out["modes"][mode]["flood"]
+    flood["forward_s"] = [v * factor for v in flood["forward_s"]]
     out["command"] += f"; forward-pass times x {factor:.3f}, the device's speed during the live runs"
     return out
 
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
 
             reuse_cpu_memory()  # the same allocator regime as `profile` measured in
 
-        from profiler.live_engine import LiveEngine, build_for_profile, measure_overhead, run_live
+        from profiler.live_engine import LiveEngine, build_for_profile, calibration_flood, run_live
 
         log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
         log(f"building {profile.model_name} ({scenario.deployment.mode}) on {device} ...")
@@ -189,7 +192,7 @@ def main(argv=None) -> int:
         model_load_s = time.perf_counter() - load_start
         engine = LiveEngine(model, device)
         engine.warm_up()
-        overhead = measure_overhead(engine)
+        overhead = calibration_flood(engine).overhead_s
         log(f"engine overhead outside the model: {overhead * 1e3:.2f} ms per step")
         base = workload.generate(scenario.workload, scenario.seed)
         # The device's speed drifts (on a shared VM by tens of percent over a minute), so each
@@ -216,7 +219,7 @@ def main(argv=None) -> int:
             return raw, parse_profile(raw, "in-process profile")
 
         def swept(samples: GridSamples) -> GridSamples:
-            log(f"  sweeping the profile grid ({samples.points()} points) ...")
+            log(f"  sweeping the profile grid ({samples.points()} points and a calibration flood) ...")
             samples.sweep()
             return samples
 

@@ -112,7 +112,7 @@ def measure_profile(model, model_name: str, model_load_s: float, device, info: d
     """Measure `model` on `device` over the grid and return the profile as the file stores it."""
     from tqdm import tqdm
 
-    from profiler.live_engine import LiveEngine, measure_overhead
+    from profiler.live_engine import LiveEngine, calibration_flood
     from profiler.measure import grid_points, measure_modes
     from profiler.models import max_positions
 
@@ -124,7 +124,7 @@ def measure_profile(model, model_name: str, model_load_s: float, device, info: d
     bar.set_postfix_str("engine overhead: a flood of requests through the live engine")
     engine = LiveEngine(model, device)
     engine.warm_up()
-    overhead = measure_overhead(engine)
+    overhead = calibration_flood(engine).overhead_s
     bar.update(1)
     bar.close()
     return profile_record(model, model_name, model_load_s, overhead,
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         import torch
 
         from calibration import profile as profile_file
-        from calibration.cost_model import held_out_errors
+        from calibration.cost_model import CostModel, held_out_errors
         from profiler.models import build
 
         device = pick_device(args)
@@ -205,8 +205,9 @@ def main(argv=None) -> int:
         print(f"wrote {out} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
         for mode in loaded.modes.values():
             errs = held_out_errors(mode)
-            print(f"  {mode.name:<16} held-out error  prefill {errs['prefill']}   decode {errs['decode']}",
-                  file=sys.stderr)
+            factor = f"{CostModel(mode).serving_factor:.3f}" if mode.flood else "n/a"
+            print(f"  {mode.name:<16} held-out error  prefill {errs['prefill']}   decode {errs['decode']}   "
+                  f"serving factor {factor}", file=sys.stderr)
         if not args.no_report:
             from reports.profile_report import write_report
 

@@ -212,14 +212,16 @@ def run_live(engine: LiveEngine, scheduler, trace: Trace) -> LiveRun:
     return LiveRun(outcome, steps, np.array(loop_s), np.array(forward_s), np.array(idle_s))
 
 
-def measure_overhead(engine: LiveEngine, requests: int = 32) -> float:
-    """Seconds per step the serving loop spends outside the model, measured on a flood of short
-    requests (all arriving at once) through continuous batching."""
+def calibration_flood(engine: LiveEngine, requests: int = 32) -> LiveRun:
+    """A flood of short requests, all arriving at once, through continuous batching: the serving
+    loop kept busy. It measures the engine's overhead outside the model, and its steps, priced by
+    a profile's grid, show how much slower the model runs inside a serving loop than in the grid's
+    back-to-back passes (see CostModel.serving_factor)."""
     rng = np.random.default_rng(0)
     trace = Trace(np.zeros(requests), rng.integers(16, 128, requests), rng.integers(8, 32, requests))
     room = float(trace.prompt_tokens.sum() + trace.output_tokens.sum())  # every request fits at once
     scheduler = ContinuousScheduler(max_num_seqs=8, max_batched_tokens=1024, kv_capacity=room, padded=True)
-    return run_live(engine, scheduler, trace).overhead_s
+    return run_live(engine, scheduler, trace)
 
 
 def build_for_profile(profile, mode_name: str, device: torch.device):

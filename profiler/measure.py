@@ -298,6 +298,10 @@ def device_peaks(device: torch.device, dtypes: list[str]) -> dict:
     return {"copy_bytes_per_s": bandwidth, "matmul_flops": flops}
 
 
+# One calibration-flood step per row: its shape as the cost model prices it, and its seconds.
+FLOOD_COLUMNS = ("prefill_seqs", "prefill_len", "decode_seqs", "decode_context", "forward_s")
+
+
 class GridSamples:
     """Timings of one mode's grid points, pooled over sweeps of the whole grid.
 
@@ -307,6 +311,13 @@ class GridSamples:
     A point that runs out of memory is null, and so are larger batches at the same length.
     Without a KV cache a decode step recomputes the whole sequence: a decode step over c tokens
     is the prefill pass of c + 1, so that mode's decode grid is its prefill grid, not measured twice.
+    In a KV-cache mode each column of the grid is followed by a small calibration flood through
+    the live engine, whose steps (shape, seconds inside the model) the profile keeps beside the
+    grids: a serving loop runs the model slower than back-to-back grid passes, and the cost model
+    prices that from them. Small floods spread through the sweeps, rather than one big flood at
+    its end, sample the device's drift as the grid does: on this project's VM one flood of a
+    second ran 0.85-1.23x the grid's price from one flood to the next, while whole live runs of
+    half a minute ran 1.12-1.19x.
     """
 
     def __init__(self, bench: Bench, spec: GridSpec):
@@ -317,6 +328,7 @@ class GridSamples:
         self.samples: dict[tuple, list[float]] = {}
         self.peaks: dict[tuple, int | None] = {}
         self.oom: dict[tuple, int] = {}  # (kind, column) -> the smallest batch index that ran out
+        self.flood: dict[str, list] = {key: [] for key in FLOOD_COLUMNS} if bench.mode.kv_cache else {}
 
     def points(self) -> int:
         return sum(len(batches) * len(xs) for _, batches, xs, _ in self.grids)
@@ -342,6 +354,21 @@ class GridSamples:
                                 torch.cuda.empty_cache()
                     if bar is not None:
                         bar.update(1)
+                if self.flood:
+                    if bar is not None:
+                        bar.set_postfix_str(f"{self.bench.mode.name} calibration flood through the live engine")
+                    self.run_flood()
+                    if bar is not None:
+                        bar.update(1)
+
+    def run_flood(self) -> None:
+        from profiler.live_engine import LiveEngine, calibration_flood
+
+        run = calibration_flood(LiveEngine(self.bench.forward, self.bench.device), requests=8)
+        for step, seconds in zip(run.steps, run.forward_s.tolist()):
+            for key, value in zip(FLOOD_COLUMNS, (step.prefill_seqs, step.prefill_len, step.decode_seqs,
+                                                  step.decode_context, seconds)):
+                self.flood[key].append(value)
 
     def summary(self) -> dict:
         """Both grids as the profile file stores them: median and spread of the pooled samples."""
@@ -359,7 +386,9 @@ class GridSamples:
                     for key, value in zip(keys, values):
                         cells[key][i][j] = value
             out[kind] = {"batch": list(batches), "length" if kind == "prefill" else "context": list(xs), **cells}
-        if not self.bench.mode.kv_cache:
+        if self.flood:
+            out["flood"] = self.flood
+        else:  # no KV cache
             decode = dict(out["prefill"])
             decode["context"] = [n - 1 for n in decode.pop("length")]
             out["decode"] = decode
@@ -429,5 +458,6 @@ def grid_points(spec: GridSpec, modes: list[ModeSpec]) -> int:
     """How many measurements `measure_modes` makes (for the progress bar)."""
     prefill = len(spec.prefill_batch) * len(spec.prefill_length)
     decode = len(spec.decode_batch) * len(spec.decode_context)
-    return sum(spec.passes * (prefill + (decode if m.kv_cache else 0)) + len(spec.concurrency_workers) + 1
+    floods = len(spec.prefill_length) + len(spec.decode_context)  # one after each grid column
+    return sum(spec.passes * (prefill + (decode + floods if m.kv_cache else 0)) + len(spec.concurrency_workers) + 1
                for m in modes)

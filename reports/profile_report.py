@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 
-from calibration.cost_model import held_out_errors
+from calibration.cost_model import CostModel, held_out_errors
 from calibration.profile import Profile
 from reports.html import figure, page, table
 
@@ -88,19 +88,23 @@ def write_report(profile: Profile, path: Path) -> None:
     for mode in profile.modes.values():
         err = held_out_errors(mode)
         mb = mode.raw.get("max_batch") or {}
+        flood = (f"{CostModel(mode).serving_factor:.3f} ({len(mode.flood.forward_s)} steps)" if mode.flood
+                 else "none (no KV cache)")
         modes_rows.append([
             mode.name, mode.dtype, "yes" if mode.kv_cache else "no", "yes" if mode.compiled else "no",
             f"{mode.weights_bytes / 2**20:,.1f} MiB", f"{mode.kv_bytes_per_token:,} B",
             f"{mb.get('batch')} at {mb.get('context')}" if mb.get("batch") else "not probed",
             f"{err['prefill'].median:.1%} / {err['prefill'].max:.1%}",
-            f"{err['decode'].median:.1%} / {err['decode'].max:.1%}",
+            f"{err['decode'].median:.1%} / {err['decode'].max:.1%}", flood,
         ])
     sections = [
         "<h2>Modes</h2>",
         table(["mode", "dtype", "KV cache", "compiled", "weights", "KV per token", "largest batch",
-               "prefill held-out error (median / max)", "decode held-out error"], modes_rows),
+               "prefill held-out error (median / max)", "decode held-out error", "serving factor"], modes_rows),
         "<p>Held-out error: each grid line left out in turn and predicted from the rest "
-        "(interior lines test interpolation, edge lines extrapolation).</p>",
+        "(interior lines test interpolation, edge lines extrapolation). Serving factor: the seconds "
+        "the model took inside calibration floods through the live engine (one after each grid sweep) "
+        "over what the grid predicts for the same passes; the simulator prices every pass at it.</p>",
         "<div class='grid'>" + figure(_curves(profile, "prefill"), "prefill") +
         figure(_curves(profile, "decode"), "decode") + "</div>",
         figure(_decode_throughput(profile), "throughput"),

@@ -8,6 +8,7 @@ import pytest
 from calibration.cost_model import CostModel, held_out_error
 from calibration.profile import Grid, load, parse
 from conftest import ROOT, synthetic_profile
+from sim.scheduler import Step
 
 
 def shipped_modes():
@@ -27,8 +28,6 @@ def test_exact_at_measured_points_and_linear_between(mode):
 
 @pytest.mark.parametrize("mode", shipped_modes(), ids=lambda m: m.name)
 def test_closed_form_run_equals_step_by_step_sum(mode):
-    from sim.scheduler import Step
-
     cm = CostModel(mode, engine_overhead_s=3e-4)
     for b in (1, 3, 40, 200):  # inside and beyond the measured batches
         for start in (5.0, 100.5, 1000.0, 4090.0, 20000.0):  # below, inside, above the grid
@@ -42,8 +41,6 @@ def test_closed_form_run_equals_step_by_step_sum(mode):
 
 
 def test_every_step_pays_the_engine_overhead_once():
-    from sim.scheduler import Step
-
     mode = parse(synthetic_profile(), "synthetic").modes["fp16"]
     bare, loaded = CostModel(mode), CostModel(mode, engine_overhead_s=0.002)
     for step in (Step(decode_seqs=4, decode_context=400), Step(prefill_seqs=2, prefill_len=100),
@@ -68,9 +65,9 @@ def test_extrapolation_follows_the_physical_shape_and_stays_positive():
     mode = parse(synthetic_profile(prefill=prefill, decode=decode), "synthetic").modes["fp16"]
     cm = CostModel(mode)
     for b, p in ((128, 8192), (1, 3), (500, 256)):  # x on a knot: no interpolation error
-        assert cm.prefill_time(b, p) == pytest.approx(prefill(b, p), rel=1e-3)
+        assert cm.forward_time(Step(prefill_seqs=b, prefill_len=p)) == pytest.approx(prefill(b, p), rel=1e-3)
     for b, c in ((512, 32768), (300, 10)):
-        assert cm.decode_time(b, b * c) == pytest.approx(decode(b, c), rel=1e-3)
+        assert cm.forward_time(Step(decode_seqs=b, decode_context=b * c)) == pytest.approx(decode(b, c), rel=1e-3)
     assert held_out_error(mode.decode, quadratic=False).max < 1e-3
 
 
@@ -87,11 +84,9 @@ def test_mixed_step_pays_the_fixed_overhead_once():
     mode = parse(synthetic_profile(prefill=lambda b, p: 0.01 + 1e-5 * b * p, decode=lambda b, c: 0.005),
                  "synthetic").modes["fp16"]
     cm = CostModel(mode)
-    from sim.scheduler import Step
-
-    mixed = cm.step_time(Step(prefill_seqs=1, prefill_len=100, decode_seqs=4, decode_context=400))
-    separate = cm.prefill_time(1, 100) + cm.decode_time(4, 400)
-    assert cm.decode_time(4, 400) < mixed < separate
+    decode = cm.forward_time(Step(decode_seqs=4, decode_context=400))
+    mixed = cm.forward_time(Step(prefill_seqs=1, prefill_len=100, decode_seqs=4, decode_context=400))
+    assert decode < mixed < decode + cm.forward_time(Step(prefill_seqs=1, prefill_len=100))
 
 
 def test_slowdown_interpolates_measured_concurrency():
@@ -101,3 +96,29 @@ def test_slowdown_interpolates_measured_concurrency():
     assert cm.slowdown(2) == pytest.approx(3.0)
     assert cm.slowdown(3) == pytest.approx(5.5)
     assert cm.slowdown(8) == pytest.approx(16.0)  # beyond the grid: proportional time-slicing
+
+
+def test_forward_passes_are_priced_at_the_calibration_floods_speed():
+    from sim.errors import InputError
+
+    raw = synthetic_profile(prefill=lambda b, p: 0.01 + 1e-5 * b * p, decode=lambda b, c: 0.002 + 1e-6 * b * c)
+    steps = [Step(prefill_seqs=1, prefill_len=100), Step(decode_seqs=4, decode_context=400),
+             Step(prefill_seqs=3, prefill_len=64), Step(decode_seqs=8, decode_context=2000)]
+    bare = CostModel(parse(raw, "synthetic").modes["fp16"])
+    assert bare.serving_factor == 1.0  # no flood measured: the grid's own speed
+    raw["modes"]["fp16"]["flood"] = {
+        "prefill_seqs": [s.prefill_seqs for s in steps], "prefill_len": [s.prefill_len for s in steps],
+        "decode_seqs": [s.decode_seqs for s in steps], "decode_context": [s.decode_context for s in steps],
+        # the live engine ran the first two steps 20% and the others 5% slower than the grid
+        "forward_s": [bare.forward_time(s) * k for s, k in zip(steps, (1.2, 1.2, 1.05, 1.05))]}
+    cm = CostModel(parse(raw, "synthetic").modes["fp16"])
+    grid = [bare.forward_time(s) for s in steps]
+    factor = (1.2 * (grid[0] + grid[1]) + 1.05 * (grid[2] + grid[3])) / sum(grid)
+    assert cm.serving_factor == pytest.approx(factor)  # time-weighted: long passes count for more
+    for s in steps + [Step(prefill_seqs=2, prefill_len=50, decode_seqs=3, decode_context=300)]:
+        assert cm.forward_time(s) == pytest.approx(factor * bare.forward_time(s))
+    assert cm.decode_run(4, 400, 50) == pytest.approx(factor * bare.decode_run(4, 400, 50))
+
+    raw["modes"]["fp16"]["flood"]["decode_seqs"].pop()
+    with pytest.raises(InputError, match=r"modes\.fp16\.flood\.decode_seqs: expected 4 values"):
+        parse(raw, "synthetic")

@@ -36,6 +36,16 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     for mode in (cached, baseline):
         extra = mode.wake.extra_s
         assert len(extra) == len(mode.wake.gap_s) and min(extra) >= 0 and list(extra) == sorted(extra)
+    # Calibration floods through the live engine, one of 8 requests after each grid column (the
+    # quick grid: 4 columns, one sweep): every step a prefill or a decode of at most 8 rows; none
+    # without a KV cache.
+    flood = cached.flood
+    assert baseline.flood is None and len(flood.forward_s) > 32 and (flood.forward_s > 0).all()
+    assert ((flood.prefill_seqs > 0) != (flood.decode_seqs > 0)).all()
+    assert flood.prefill_seqs.sum() == 32 and flood.decode_seqs.max() == 8
+    from calibration.cost_model import CostModel
+
+    assert 0.5 < CostModel(cached).serving_factor < 2.0
     raw = json.loads(out.read_text())
     assert raw["device"]["type"] == "cpu" and raw["device"]["copy_bytes_per_s"] > 0
     assert (tmp_path / "cpu-tiny.html").stat().st_size > 100_000  # the Plotly report beside it
