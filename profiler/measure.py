@@ -315,9 +315,9 @@ class GridSamples:
     the live engine, whose steps (shape, seconds inside the model) the profile keeps beside the
     grids: a serving loop runs the model slower than back-to-back grid passes, and the cost model
     prices that from them. Small floods spread through the sweeps, rather than one big flood at
-    its end, sample the device's drift as the grid does: on this project's VM one flood of a
-    second ran 0.85-1.23x the grid's price from one flood to the next, while whole live runs of
-    half a minute ran 1.12-1.19x.
+    its end, sample the device's drift as the grid does: on this project's VM single floods of
+    about a second ran 0.75-1.48x the grid's price, the 30 floods of one validation case together
+    1.00-1.12x.
     """
 
     def __init__(self, bench: Bench, spec: GridSpec):

@@ -103,7 +103,7 @@ def write_report(profile: Profile, path: Path) -> None:
                "prefill held-out error (median / max)", "decode held-out error", "serving factor"], modes_rows),
         "<p>Held-out error: each grid line left out in turn and predicted from the rest "
         "(interior lines test interpolation, edge lines extrapolation). Serving factor: the seconds "
-        "the model took inside calibration floods through the live engine (one after each grid sweep) "
+        "the model took inside calibration floods through the live engine (one after each grid column) "
         "over what the grid predicts for the same passes; the simulator prices every pass at it.</p>",
         "<div class='grid'>" + figure(_curves(profile, "prefill"), "prefill") +
         figure(_curves(profile, "decode"), "decode") + "</div>",
