@@ -20,7 +20,7 @@ gap (cold caches, lowered clocks): at low load that is most requests' first pass
 Inside a serving loop the model itself also runs slower than in the grid's back-to-back passes
 of one shape (on this project's CPU, 4-9% in the mean over many live runs: the loop's own work
 evicts what the passes keep cached, and shapes change every step). The profile times calibration
-floods through the live engine after each grid sweep; every forward pass is priced at the
+floods through the live engine after each grid column; every forward pass is priced at the
 floods' measured seconds over what the grid predicts for the same steps (`serving_factor`).
 """
 

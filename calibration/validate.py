@@ -219,7 +219,7 @@ def main(argv=None) -> int:
             return raw, parse_profile(raw, "in-process profile")
 
         def swept(samples: GridSamples) -> GridSamples:
-            log(f"  sweeping the profile grid ({samples.points()} points and a calibration flood) ...")
+            log(f"  sweeping the profile grid ({samples.points()} points, a calibration flood after each column) ...")
             samples.sweep()
             return samples
 

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from calibration.profile import Flood
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -298,10 +300,6 @@ def device_peaks(device: torch.device, dtypes: list[str]) -> dict:
     return {"copy_bytes_per_s": bandwidth, "matmul_flops": flops}
 
 
-# One calibration-flood step per row: its shape as the cost model prices it, and its seconds.
-FLOOD_COLUMNS = ("prefill_seqs", "prefill_len", "decode_seqs", "decode_context", "forward_s")
-
-
 class GridSamples:
     """Timings of one mode's grid points, pooled over sweeps of the whole grid.
 
@@ -328,7 +326,8 @@ class GridSamples:
         self.samples: dict[tuple, list[float]] = {}
         self.peaks: dict[tuple, int | None] = {}
         self.oom: dict[tuple, int] = {}  # (kind, column) -> the smallest batch index that ran out
-        self.flood: dict[str, list] = {key: [] for key in FLOOD_COLUMNS} if bench.mode.kv_cache else {}
+        # The calibration floods' steps, a list per column of the profile's `flood` section.
+        self.flood: dict[str, list] = {key: [] for key in Flood.__dataclass_fields__} if bench.mode.kv_cache else {}
 
     def points(self) -> int:
         return sum(len(batches) * len(xs) for _, batches, xs, _ in self.grids)
@@ -366,8 +365,8 @@ class GridSamples:
 
         run = calibration_flood(LiveEngine(self.bench.forward, self.bench.device), requests=8)
         for step, seconds in zip(run.steps, run.forward_s.tolist()):
-            for key, value in zip(FLOOD_COLUMNS, (step.prefill_seqs, step.prefill_len, step.decode_seqs,
-                                                  step.decode_context, seconds)):
+            shape = {key: getattr(step, key) for key in self.flood if key != "forward_s"}
+            for key, value in (shape | {"forward_s": seconds}).items():
                 self.flood[key].append(value)
 
     def summary(self) -> dict:
