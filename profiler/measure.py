@@ -365,9 +365,8 @@ class GridSamples:
 
         run = calibration_flood(LiveEngine(self.bench.forward, self.bench.device), requests=8)
         for step, seconds in zip(run.steps, run.forward_s.tolist()):
-            shape = {key: getattr(step, key) for key in self.flood if key != "forward_s"}
-            for key, value in (shape | {"forward_s": seconds}).items():
-                self.flood[key].append(value)
+            for key, values in self.flood.items():  # the shape columns are Step's own fields
+                values.append(seconds if key == "forward_s" else getattr(step, key))
 
     def summary(self) -> dict:
         """Both grids as the profile file stores them: median and spread of the pooled samples."""
