@@ -11,10 +11,10 @@ A no-KV-cache mode recomputes the whole sequence each step, so its decode has pr
 A mixed pass (continuous batching with chunked prefill) costs its decode part plus the prefill
 part less the fixed per-pass overhead, which it pays once.
 
-Every step also pays the serving engine's own overhead outside the model (scheduling, cache
-bookkeeping, preparing inputs), which the profile measures by running the live engine: on a
-small model it is several percent of a step, and a simulator that leaves it out is optimistic.
-And the first pass after the device sat idle pays the wake penalty the profile measured for that
+Every step also pays the serving engine's own time outside the model (scheduling, preparing
+inputs, and in a padded cache copying it to add or drop rows): on a small model several percent
+of a step, and a simulator that leaves it out is optimistic. It is fitted from the calibration
+floods' steps (EngineOverhead). And the first pass after the device sat idle pays the wake penalty the profile measured for that
 gap (cold caches, lowered clocks): at low load that is most requests' first pass.
 
 Inside a serving loop the model itself also runs slower than in the grid's back-to-back passes
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import nnls
 
-from calibration.profile import Grid, Mode
+from calibration.profile import Grid, Mode, Profile
 
 
 def features(b, x, quadratic: bool) -> np.ndarray:
@@ -166,14 +166,47 @@ class HeldOut:
         return f"median {self.median:.1%} max {self.max:.1%} ({self.points} points)"
 
 
+@dataclass(frozen=True)
+class EngineOverhead:
+    """Seconds a serving step spends outside the model: a fixed part, a part per row of the batch
+    (Python bookkeeping per request), and the KV-cache bytes a padded cache copies to add or drop
+    rows."""
+
+    step_s: float = 0.0
+    row_s: float = 0.0
+    copy_s_per_byte: float = 0.0
+
+    @classmethod
+    def fit(cls, profile: Profile) -> EngineOverhead:
+        """Least squares (non-negative) over the steps of every mode's calibration floods.
+
+        The engine's loop is the same whatever the mode, so the modes pool their steps, with
+        copies in bytes. The mean, not a robust fit: a run pays its slow steps too. On this
+        project's CPU a copied byte cost about 1.7x what a large memcpy does: the padded
+        concatenation copies twice, and small copies pay per call."""
+        floods = [(m.flood, m.kv_bytes_per_token) for m in profile.modes.values() if m.flood is not None]
+        if not floods:
+            return cls()
+        a = np.concatenate([np.stack([np.ones_like(f.forward_s), f.prefill_seqs + f.decode_seqs,
+                                      f.reshuffle_tokens * kv_bytes], axis=1) for f, kv_bytes in floods])
+        y = np.concatenate([f.overhead_s for f, _ in floods])
+        scale = a.max(axis=0)
+        scale[scale == 0] = 1.0
+        coef, _ = nnls(a / scale, y)
+        return cls(*(float(c) for c in coef / scale))
+
+    def __str__(self) -> str:
+        return (f"{self.step_s * 1e3:.3f} ms/step + {self.row_s * 1e6:.1f} us/row + "
+                f"copies at {1e-9 / self.copy_s_per_byte if self.copy_s_per_byte else math.inf:.1f} GB/s")
+
+
 class CostModel:
     """Prices scheduler steps for one mode of a profile."""
 
-    def __init__(self, mode: Mode, copy_bytes_per_s: float | None = None, engine_overhead_s: float = 0.0):
+    def __init__(self, mode: Mode, overhead: EngineOverhead = EngineOverhead()):
         self.mode = mode
-        self.engine_overhead_s = engine_overhead_s
-        # Seconds to copy one token's KV cache (read and write) at the device's measured rate.
-        self.copy_s_per_token = 2 * mode.kv_bytes_per_token / copy_bytes_per_s if copy_bytes_per_s else 0.0
+        self.overhead = overhead
+        self._copy_s_per_token = overhead.copy_s_per_byte * mode.kv_bytes_per_token
         self.prefill = Surface(mode.prefill, quadratic=True)
         self.decode = Surface(mode.decode, quadratic=not mode.kv_cache)
         self.serving_factor = 1.0
@@ -212,7 +245,7 @@ class CostModel:
     def decode_run(self, seqs: int, context_sum: float, repeat: int) -> float:
         """Seconds of `repeat` consecutive decode steps, each adding one token per row."""
         return (self.decode.run_sum(seqs, context_sum / seqs, repeat) * self.serving_factor
-                + repeat * self.engine_overhead_s)
+                + repeat * (self.overhead.step_s + seqs * self.overhead.row_s))  # a run copies nothing
 
     def decode_steps_done(self, seqs: int, context_sum: float, repeat: int, elapsed: float) -> int:
         """How many steps of such a run have ended `elapsed` seconds after it began.
@@ -243,9 +276,15 @@ class CostModel:
         return self._grid_time(step.prefill_seqs, step.prefill_len, step.decode_seqs,
                                step.decode_context) * self.serving_factor
 
+    def overhead_time(self, step) -> float:
+        """Seconds of one Step outside the model."""
+        o = self.overhead
+        return (o.step_s + (step.prefill_seqs + step.decode_seqs) * o.row_s
+                + step.reshuffle_tokens * self._copy_s_per_token)
+
     def step_time(self, step) -> float:
-        """Seconds of one Step: the forward pass, the cache copies of a padded engine, the engine's overhead."""
-        return self.forward_time(step) + step.reshuffle_tokens * self.copy_s_per_token + self.engine_overhead_s
+        """Seconds of one Step: the forward pass and the engine's time around it."""
+        return self.forward_time(step) + self.overhead_time(step)
 
 
 def held_out_error(grid: Grid, quadratic: bool) -> HeldOut:

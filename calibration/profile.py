@@ -5,8 +5,8 @@ grids — prefill over batch x prompt length, decode over batch x context — pl
 what the first pass after an idle gap costs extra, and (with a KV cache) the steps of calibration
 floods through the live engine, so a scenario can pick the mode it deploys. Missing grid points
 (out of memory) are null.
-Beside the modes: the device's copy rate, the model's load time, and the serving engine's
-overhead per step outside the model.
+Beside the modes: the device's copy rate and the model's load time. The serving engine's own
+cost per step outside the model is fitted from the floods (calibration.cost_model.EngineOverhead).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from sim.errors import InputError
 from sim.fields import Fields
 from sim.files import write_atomic
 
-SCHEMA_VERSION = 4  # 2: engine_overhead_s; 3: each mode's wake penalty; 4: calibration floods
+SCHEMA_VERSION = 5  # 3: each mode's wake penalty; 4: calibration floods; 5: engine overhead from the floods
 SHIPPED = Path(__file__).parent / "profiles"
 
 
@@ -51,7 +51,9 @@ class Flood:
     prefill_len: np.ndarray
     decode_seqs: np.ndarray
     decode_context: np.ndarray
+    reshuffle_tokens: np.ndarray  # KV tokens copied to add or drop rows (the padded cache)
     forward_s: np.ndarray  # seconds inside the model
+    overhead_s: np.ndarray  # seconds the serving loop spent outside the model, copies included
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,8 @@ class Profile:
     device_type: str
     device_name: str
     memory_bytes: int
-    copy_bytes_per_s: float | None  # measured device copy rate, bytes read + written per second
     model_name: str
     model_load_s: float
-    engine_overhead_s: float  # seconds per step the live engine spends outside the model
     modes: dict[str, Mode]
     raw: dict[str, Any]
 
@@ -223,13 +223,12 @@ def parse(data: Any, path: str) -> Profile:
         device_type=device.str("type", choices=("cpu", "cuda")),
         device_name=device.str("name"),
         memory_bytes=device.num("memory_bytes", positive=True, integer=True),
-        copy_bytes_per_s=device.num("copy_bytes_per_s", None, positive=True),
         model_name=model.str("name"),
         model_load_s=top.num("model_load_s", low=0),
-        engine_overhead_s=top.num("engine_overhead_s", low=0),
         modes=modes,
         raw=data,
     )
+    device.num("copy_bytes_per_s", None, positive=True)  # a ceiling the report draws
     for key in ("created_at", "command", "grid", "servesim_version"):
         top.raw(key, None)
     top.done()

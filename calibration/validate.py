@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
-        from calibration.cost_model import CostModel
+        from calibration.cost_model import CostModel, EngineOverhead
         from calibration.profile import load as load_profile
         from sim import scenario as scenario_mod, workload
         from sim.files import atomic_folder
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
 
             reuse_cpu_memory()  # the same allocator regime as `profile` measured in
 
-        from profiler.live_engine import LiveEngine, build_for_profile, calibration_flood, run_live
+        from profiler.live_engine import LiveEngine, build_for_profile, run_live
 
         log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
         log(f"building {profile.model_name} ({scenario.deployment.mode}) on {device} ...")
@@ -192,8 +192,6 @@ def main(argv=None) -> int:
         model_load_s = time.perf_counter() - load_start
         engine = LiveEngine(model, device)
         engine.warm_up()
-        overhead = calibration_flood(engine).overhead_s
-        log(f"engine overhead outside the model: {overhead * 1e3:.2f} ms per step")
         base = workload.generate(scenario.workload, scenario.seed)
         # The device's speed drifts (on a shared VM by tens of percent over a minute), so each
         # load's simulation is priced by a profile of the scenario's shapes swept before, between
@@ -214,7 +212,7 @@ def main(argv=None) -> int:
         def profile_of(samples: GridSamples) -> tuple[dict, object]:
             modes = {mode_spec.name: mode_record(bench, samples.summary(), peaks["matmul_flops"].get(mode_spec.dtype),
                                                  wake=wake)}
-            raw = profile_record(model, profile.model_name, model_load_s, overhead, info, modes, grid,
+            raw = profile_record(model, profile.model_name, model_load_s, info, modes, grid,
                                  f"{profile.name}-validate", "validate: swept before, between and after the live runs")
             return raw, parse_profile(raw, "in-process profile")
 
@@ -243,13 +241,15 @@ def main(argv=None) -> int:
                 log(f"  took {time.perf_counter() - t0:.1f} s")
                 swept(samples)
             profiles[label], fresh = profile_of(samples)
-            speed = device_speed(live_runs, CostModel(fresh.modes[mode_spec.name]))
+            cost = CostModel(fresh.modes[mode_spec.name], EngineOverhead.fit(fresh))
+            speed = device_speed(live_runs, cost)
+            priced_overhead = float(np.mean([cost.overhead_time(step) for run in live_runs for step in run.steps]))
             at_speed = parse_profile(scaled(profiles[label], mode_spec.name, speed), "in-process profile")
             sim_frames = {key: requests_frame(trace, simulate(scenario, p, trace).outcome)
                           for key, p in (("sim", fresh), ("sim_at_run_speed", at_speed), ("sim_shipped", profile))}
             sims = {key: percentiles(frame) for key, frame in sim_frames.items()}
             case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
-                    "device_speed": speed, "engine_overhead_s": {"profile": overhead,
+                    "device_speed": speed, "engine_overhead_s": {"profile": priced_overhead,
                                                                  "live": [run.overhead_s for run in live_runs]},
                     "live": live_stats, **sims}
             for key in sims:

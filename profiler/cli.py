@@ -4,7 +4,8 @@ The profile is the simulator's price list: for each optimisation mode, the time 
 pass over batch x prompt length and of a decode step over batch x context, plus weights and
 KV-cache bytes, peak memory, the largest batch that fits, model load time (the autoscaler's
 cold start), the step time when several workers share the device, the device's measured
-copy bandwidth and matmul rate, and the serving engine's overhead per step outside the model.
+copy bandwidth and matmul rate, and, in each KV-cache mode, calibration floods through the live
+engine (from which the cost model prices the serving loop's speed and its time outside the model).
 """
 
 from __future__ import annotations
@@ -112,28 +113,21 @@ def measure_profile(model, model_name: str, model_load_s: float, device, info: d
     """Measure `model` on `device` over the grid and return the profile as the file stores it."""
     from tqdm import tqdm
 
-    from profiler.live_engine import LiveEngine, calibration_flood
     from profiler.measure import grid_points, measure_modes
     from profiler.models import max_positions
 
     limit = max_positions(model) - spec.warmup - spec.repeats - 8
     spec = type(spec)(**{**spec.__dict__, "prefill_length": clip(spec.prefill_length, limit - 1),
                          "decode_context": clip(spec.decode_context, limit)})
-    bar = tqdm(total=grid_points(spec, modes) + 1, unit="pt", disable=quiet, file=sys.stderr)
+    bar = tqdm(total=grid_points(spec, modes), unit="pt", disable=quiet, file=sys.stderr)
     measured = measure_modes(model, device, modes, spec, bar)
-    bar.set_postfix_str("engine overhead: a flood of requests through the live engine")
-    engine = LiveEngine(model, device)
-    engine.warm_up()
-    overhead = calibration_flood(engine).overhead_s
-    bar.update(1)
     bar.close()
-    return profile_record(model, model_name, model_load_s, overhead,
-                          info | {"copy_bytes_per_s": measured["copy_bytes_per_s"]}, measured["modes"], spec, name,
-                          command)
+    return profile_record(model, model_name, model_load_s, info | {"copy_bytes_per_s": measured["copy_bytes_per_s"]},
+                          measured["modes"], spec, name, command)
 
 
-def profile_record(model, model_name: str, model_load_s: float, engine_overhead_s: float, info: dict, modes: dict,
-                   spec, name: str, command: str) -> dict:
+def profile_record(model, model_name: str, model_load_s: float, info: dict, modes: dict, spec, name: str,
+                   command: str) -> dict:
     """A whole profile file: metadata around the measured modes."""
     from calibration.profile import SCHEMA_VERSION
 
@@ -154,7 +148,6 @@ def profile_record(model, model_name: str, model_load_s: float, engine_overhead_
                   "matmul_params": sum(p.numel() for p in model.parameters() if id(p) not in skip),
                   "config": {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool, list))}},
         "model_load_s": model_load_s,
-        "engine_overhead_s": engine_overhead_s,
         "grid": dict(spec.__dict__),
         "modes": modes,
     }
@@ -176,7 +169,7 @@ def main(argv=None) -> int:
         import torch
 
         from calibration import profile as profile_file
-        from calibration.cost_model import CostModel, held_out_errors
+        from calibration.cost_model import CostModel, EngineOverhead, held_out_errors
         from profiler.models import build
 
         device = pick_device(args)
@@ -203,6 +196,7 @@ def main(argv=None) -> int:
         loaded = profile_file.parse(profile, str(out))  # never write a file we could not read back
         profile_file.save(profile, out)
         print(f"wrote {out} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        print(f"  engine overhead outside the model: {EngineOverhead.fit(loaded)}", file=sys.stderr)
         for mode in loaded.modes.values():
             errs = held_out_errors(mode)
             factor = f"{CostModel(mode).serving_factor:.3f}" if mode.flood else "n/a"

@@ -15,8 +15,8 @@ Output lengths are forced (no EOS): token ids are random, as the weights are, si
 changes what a pass costs. Requests arrive by the trace's times on the wall clock.
 
 Each step's time inside the model and around it is recorded: what the serving loop spends
-outside the model (scheduling, cache bookkeeping, preparing inputs) is a cost of its own, which
-`profile` measures here and the simulator adds to every step.
+outside the model (scheduling, cache copies and bookkeeping, preparing inputs) is a cost of its
+own, which `profile` measures here and the simulator adds to every step.
 """
 
 from __future__ import annotations
@@ -160,9 +160,8 @@ class LiveRun:
 
     @property
     def overhead_s(self) -> float:
-        """Median seconds per step outside the model. The median passes over the few steps that
-        copy the cache to add or drop rows: the cost model prices those copies by the copy rate."""
-        return float(np.median(self.loop_s - self.forward_s))
+        """Mean seconds per step outside the model, cache copies included."""
+        return float(np.mean(self.loop_s - self.forward_s))
 
 
 def run_live(engine: LiveEngine, scheduler, trace: Trace) -> LiveRun:
@@ -201,23 +200,27 @@ def run_live(engine: LiveEngine, scheduler, trace: Trace) -> LiveRun:
             assert wake < math.inf, "scheduler idle with requests outstanding"
             time.sleep(max(wake - (time.perf_counter() - start), 0.0))
             continue
+        # Rows of requests that left go now, not at the end of the step they finished in: the
+        # scheduler charges that copy to this step (Step.reshuffle_tokens), and so does loop_s.
+        engine.keep(running_ids(scheduler))
         steps.append(step)
         idle_s.append(time.perf_counter() - last_end)
         forward_s.append(engine.run_step(step))
         last_end = time.perf_counter()
         for r in scheduler.postprocess(step, time.perf_counter() - start):
             record(r)
-        engine.keep(running_ids(scheduler))
         loop_s.append(time.perf_counter() - top)
+    engine.keep(running_ids(scheduler))  # the last rows leave with the run
     return LiveRun(outcome, steps, np.array(loop_s), np.array(forward_s), np.array(idle_s))
 
 
-def calibration_flood(engine: LiveEngine, requests: int = 32) -> LiveRun:
-    """A flood of short requests, all arriving at once, through continuous batching: the serving
-    loop kept busy. It measures the engine's overhead outside the model, and its steps, priced by
-    a profile's grid, show how much slower the model runs inside a serving loop than in the grid's
-    back-to-back passes (see CostModel.serving_factor)."""
+def calibration_flood(engine: LiveEngine) -> LiveRun:
+    """A flood of 8 short requests, all arriving at once, through continuous batching: the serving
+    loop kept busy. Its steps, priced by a profile's grid, show how much slower the model runs
+    inside a serving loop than in the grid's back-to-back passes (CostModel.serving_factor), and
+    what the loop costs outside the model (EngineOverhead)."""
     rng = np.random.default_rng(0)
+    requests = 8
     trace = Trace(np.zeros(requests), rng.integers(16, 128, requests), rng.integers(8, 32, requests))
     room = float(trace.prompt_tokens.sum() + trace.output_tokens.sum())  # every request fits at once
     scheduler = ContinuousScheduler(max_num_seqs=8, max_batched_tokens=1024, kv_capacity=room, padded=True)

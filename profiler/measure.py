@@ -310,9 +310,9 @@ class GridSamples:
     Without a KV cache a decode step recomputes the whole sequence: a decode step over c tokens
     is the prefill pass of c + 1, so that mode's decode grid is its prefill grid, not measured twice.
     In a KV-cache mode each column of the grid is followed by a small calibration flood through
-    the live engine, whose steps (shape, seconds inside the model) the profile keeps beside the
-    grids: a serving loop runs the model slower than back-to-back grid passes, and the cost model
-    prices that from them. Small floods spread through the sweeps, rather than one big flood at
+    the live engine, whose steps (shape, seconds inside the model and outside it) the profile
+    keeps beside the grids: a serving loop runs the model slower than back-to-back grid passes,
+    and spends time of its own around it, and the cost model prices both from them. Small floods spread through the sweeps, rather than one big flood at
     its end, sample the device's drift as the grid does: on this project's VM single floods of
     about a second ran 0.75-1.48x the grid's price, the 30 floods of one validation case together
     1.00-1.12x.
@@ -363,10 +363,10 @@ class GridSamples:
     def run_flood(self) -> None:
         from profiler.live_engine import LiveEngine, calibration_flood
 
-        run = calibration_flood(LiveEngine(self.bench.forward, self.bench.device), requests=8)
-        for step, seconds in zip(run.steps, run.forward_s.tolist()):
-            for key, values in self.flood.items():  # the shape columns are Step's own fields
-                values.append(seconds if key == "forward_s" else getattr(step, key))
+        run = calibration_flood(LiveEngine(self.bench.forward, self.bench.device))
+        measured = {"forward_s": run.forward_s.tolist(), "overhead_s": (run.loop_s - run.forward_s).tolist()}
+        for key, values in self.flood.items():  # the other columns are Step's own fields
+            values.extend(measured[key] if key in measured else [getattr(step, key) for step in run.steps])
 
     def summary(self) -> dict:
         """Both grids as the profile file stores them: median and spread of the pooled samples."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 
-from calibration.cost_model import CostModel, held_out_errors
+from calibration.cost_model import CostModel, EngineOverhead, held_out_errors
 from calibration.profile import Profile
 from reports.html import figure, page, table
 
@@ -124,7 +124,7 @@ def write_report(profile: Profile, path: Path) -> None:
     subtitle = (f"{profile.model_name} on {profile.device_name} · torch {d.get('torch')} · "
                 f"transformers {d.get('transformers')} · {profile.raw.get('created_at', '')} · "
                 f"model load {profile.model_load_s:.2f} s · "
-                f"engine overhead {profile.engine_overhead_s * 1000:.2f} ms/step · first pass after the longest "
+                f"engine overhead {EngineOverhead.fit(profile)} · first pass after the longest "
                 f"idle gap measured: "
                 + ", ".join(f"+{m.wake.extra_s[-1] * 1000:.2f} ms after {m.wake.gap_s[-1] * 1000:g} ms ({m.name})"
                             for m in profile.modes.values()))

@@ -39,8 +39,8 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
                 table(["load", "metric", "live (mean of runs)", "simulated", "error", "live run-to-run",
                        "simulated at run speed", "error"], rows),
                 "<h2>The device during the live runs</h2>",
-                table(["load", "forward time, live / profile", "engine overhead priced (flood before the runs)",
-                       "engine overhead in the live runs (median)"], device)]
+                table(["load", "forward time, live / profile", "engine overhead priced (mean over the runs' steps)",
+                       "engine overhead in the live runs (mean)"], device)]
     for i, (label, (live, sim)) in enumerate(frames.items()):
         fig = make_subplots(rows=1, cols=4, subplot_titles=[m for _, m in METRICS] + ["E2E per request"])
         for col, (key, name) in enumerate(METRICS, start=1):

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import simpy
 
-from calibration.cost_model import CostModel
+from calibration.cost_model import CostModel, EngineOverhead
 from calibration.profile import Profile
 from sim.errors import InputError
 from sim.request import Request
@@ -197,7 +197,7 @@ class Simulation:
         self.progress = progress  # called with the number of requests done, every 1% or so
         dep = scenario.deployment
         mode = profile.mode(dep.mode, f"{scenario.path}: deployment.mode")
-        self.cost = CostModel(mode, profile.copy_bytes_per_s, profile.engine_overhead_s)
+        self.cost = CostModel(mode, EngineOverhead.fit(profile))
         self.slowdown = self.cost.slowdown(dep.workers_per_gpu)
         self.kv_capacity = kv_capacity_per_worker(scenario, profile)
         self.env = simpy.Environment()

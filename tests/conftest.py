@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def synthetic_profile(prefill=lambda b, p: 0.01, decode=lambda b, c: 0.001, memory_bytes=10**12,
                       weights_bytes=10**6, kv_bytes_per_token=1000, model_load_s=5.0, concurrency=None,
-                      engine_overhead_s=0.0, wake=((0.01, 0.1), (0.0, 0.0))) -> dict:
-    """A valid profile whose grid holds prefill(b, p) and decode(b, c) seconds."""
+                      flood=None, wake=((0.01, 0.1), (0.0, 0.0))) -> dict:
+    """A valid profile whose grid holds prefill(b, p) and decode(b, c) seconds, with an optional
+    calibration flood section (see flood_section)."""
     batches, lengths, contexts = [1, 2, 4, 8, 16, 32, 64], [16, 64, 256, 1024, 4096], [16, 64, 256, 1024, 4096]
     mode = {
         "dtype": "fp16", "kv_cache": True, "compiled": False,
@@ -26,12 +27,21 @@ def synthetic_profile(prefill=lambda b, p: 0.01, decode=lambda b, c: 0.001, memo
         "decode": {"batch": batches, "context": contexts, "median_s": [[decode(b, c) for c in contexts] for b in batches]},
         "wake": {"gap_s": list(wake[0]), "extra_s": list(wake[1])},
     }
+    if flood:
+        mode["flood"] = flood
     if concurrency:
         mode["concurrency"] = {"workers": list(concurrency), "step_s": list(concurrency.values())}
     return {"schema_version": SCHEMA_VERSION, "name": "synthetic", "model_load_s": model_load_s,
-            "engine_overhead_s": engine_overhead_s,
             "device": {"type": "cuda", "name": "synthetic test device", "memory_bytes": memory_bytes},
             "model": {"name": "synthetic"}, "modes": {"fp16": mode}}
+
+
+def flood_section(steps, forward_s, overhead_s) -> dict:
+    """A profile's `flood` section: these scheduler Steps, run in these seconds inside the model
+    and outside it."""
+    keys = ("prefill_seqs", "prefill_len", "decode_seqs", "decode_context", "reshuffle_tokens")
+    return {key: [getattr(s, key) for s in steps] for key in keys} | {
+        "forward_s": list(forward_s), "overhead_s": list(overhead_s)}
 
 
 @pytest.fixture

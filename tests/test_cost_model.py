@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration.cost_model import CostModel, held_out_error
+from calibration.cost_model import CostModel, EngineOverhead, held_out_error
 from calibration.profile import Grid, load, parse
-from conftest import ROOT, synthetic_profile
+from conftest import ROOT, flood_section, synthetic_profile
 from sim.scheduler import Step
 
 
@@ -28,7 +28,7 @@ def test_exact_at_measured_points_and_linear_between(mode):
 
 @pytest.mark.parametrize("mode", shipped_modes(), ids=lambda m: m.name)
 def test_closed_form_run_equals_step_by_step_sum(mode):
-    cm = CostModel(mode, engine_overhead_s=3e-4)
+    cm = CostModel(mode, EngineOverhead(3e-4, 2e-5, 1e-10))
     for b in (1, 3, 40, 200):  # inside and beyond the measured batches
         for start in (5.0, 100.5, 1000.0, 4090.0, 20000.0):  # below, inside, above the grid
             for n in (1, 7, 300, 5000):
@@ -40,13 +40,34 @@ def test_closed_form_run_equals_step_by_step_sum(mode):
                     assert cm.decode_steps_done(b, start * b, n, t) == int(np.searchsorted(ends, t, side="right"))
 
 
-def test_every_step_pays_the_engine_overhead_once():
-    mode = parse(synthetic_profile(), "synthetic").modes["fp16"]
-    bare, loaded = CostModel(mode), CostModel(mode, engine_overhead_s=0.002)
-    for step in (Step(decode_seqs=4, decode_context=400), Step(prefill_seqs=2, prefill_len=100),
-                 Step(prefill_seqs=1, prefill_len=100, decode_seqs=4, decode_context=400)):
-        assert loaded.step_time(step) == pytest.approx(bare.step_time(step) + 0.002)
-    assert loaded.decode_run(4, 400, 10) == pytest.approx(bare.decode_run(4, 400, 10) + 10 * 0.002)
+def test_every_step_pays_the_engine_overhead_once_per_step_per_row_and_per_copied_byte():
+    mode = parse(synthetic_profile(kv_bytes_per_token=1000), "synthetic").modes["fp16"]
+    bare, loaded = CostModel(mode), CostModel(mode, EngineOverhead(0.002, 1e-4, 1e-9))
+    for step, rows in ((Step(decode_seqs=4, decode_context=400), 4), (Step(prefill_seqs=2, prefill_len=100), 2),
+                       (Step(prefill_seqs=1, prefill_len=100, decode_seqs=4, decode_context=400), 5),
+                       (Step(decode_seqs=3, decode_context=300, reshuffle_tokens=500), 3)):
+        extra = 0.002 + rows * 1e-4 + step.reshuffle_tokens * 1000 * 1e-9
+        assert loaded.step_time(step) == pytest.approx(bare.step_time(step) + extra)
+    assert loaded.decode_run(4, 400, 10) == pytest.approx(bare.decode_run(4, 400, 10) + 10 * (0.002 + 4 * 1e-4))
+
+
+def test_engine_overhead_is_fitted_from_every_modes_flood_steps():
+    raw = synthetic_profile(kv_bytes_per_token=1000)
+    assert EngineOverhead.fit(parse(raw, "synthetic")) == EngineOverhead()  # no flood: nothing measured
+    truth = EngineOverhead(3e-4, 2e-5, 1e-9)
+    steps = [Step(prefill_seqs=8, prefill_len=100), Step(decode_seqs=8, decode_context=800),
+             Step(decode_seqs=5, decode_context=600, reshuffle_tokens=600), Step(decode_seqs=1, decode_context=90),
+             Step(decode_seqs=3, decode_context=300, reshuffle_tokens=300)]
+    # Two modes whose caches differ in bytes per token: the fit pools them, copies in bytes.
+    raw["modes"]["fp32"] = dict(raw["modes"]["fp16"], dtype="fp32", kv_bytes_per_token=2000)
+    for name, mode in raw["modes"].items():
+        kv, run = mode["kv_bytes_per_token"], steps[:4] if name == "fp16" else steps[1:]
+        overhead = [truth.step_s + (s.prefill_seqs + s.decode_seqs) * truth.row_s
+                    + s.reshuffle_tokens * kv * truth.copy_s_per_byte for s in run]
+        mode["flood"] = flood_section(run, [0.01] * 4, overhead)
+    fit = EngineOverhead.fit(parse(raw, "synthetic"))
+    for got, want in zip((fit.step_s, fit.row_s, fit.copy_s_per_byte), (truth.step_s, truth.row_s, truth.copy_s_per_byte)):
+        assert got == pytest.approx(want, rel=1e-6)
 
 
 def test_wake_penalty_interpolates_between_measured_gaps():
@@ -106,11 +127,9 @@ def test_forward_passes_are_priced_at_the_calibration_floods_speed():
              Step(prefill_seqs=3, prefill_len=64), Step(decode_seqs=8, decode_context=2000)]
     bare = CostModel(parse(raw, "synthetic").modes["fp16"])
     assert bare.serving_factor == 1.0  # no flood measured: the grid's own speed
-    raw["modes"]["fp16"]["flood"] = {
-        "prefill_seqs": [s.prefill_seqs for s in steps], "prefill_len": [s.prefill_len for s in steps],
-        "decode_seqs": [s.decode_seqs for s in steps], "decode_context": [s.decode_context for s in steps],
-        # the live engine ran the first two steps 20% and the others 5% slower than the grid
-        "forward_s": [bare.forward_time(s) * k for s, k in zip(steps, (1.2, 1.2, 1.05, 1.05))]}
+    # the live engine ran the first two steps 20% and the others 5% slower than the grid
+    raw["modes"]["fp16"]["flood"] = flood_section(
+        steps, [bare.forward_time(s) * k for s, k in zip(steps, (1.2, 1.2, 1.05, 1.05))], [3e-4] * 4)
     cm = CostModel(parse(raw, "synthetic").modes["fp16"])
     grid = [bare.forward_time(s) for s in steps]
     factor = (1.2 * (grid[0] + grid[1]) + 1.05 * (grid[2] + grid[3])) / sum(grid)

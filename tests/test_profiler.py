@@ -30,8 +30,6 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     assert (baseline.decode.seconds == baseline.prefill.seconds).all()
     assert (cached.decode.seconds > 0).all() and (cached.prefill.seconds > 0).all()
     assert profile.model_load_s > 0 and set(cached.concurrency) == {1, 2}
-    # The live engine's loop outside the model: real, and far below a step of the model itself.
-    assert 0 < profile.engine_overhead_s < float(cached.decode.seconds.min())
     # The wake penalty: one figure per idle gap, never shrinking as the gap grows.
     for mode in (cached, baseline):
         extra = mode.wake.extra_s
@@ -43,9 +41,17 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     assert baseline.flood is None and len(flood.forward_s) > 32 and (flood.forward_s > 0).all()
     assert ((flood.prefill_seqs > 0) != (flood.decode_seqs > 0)).all()
     assert flood.prefill_seqs.sum() == 32 and flood.decode_seqs.max() == 8
-    from calibration.cost_model import CostModel
+    assert (flood.overhead_s > 0).all() and flood.reshuffle_tokens.any()  # rows left, and were copied out
+    from calibration.cost_model import CostModel, EngineOverhead
 
     assert 0.5 < CostModel(cached).serving_factor < 2.0
+    # The live engine's loop outside the model, fitted from the floods: real, far below a step of the
+    # model itself, and over the floods' steps it adds up to what they spent outside the model.
+    overhead = EngineOverhead.fit(profile)
+    assert 0 < overhead.step_s < float(cached.decode.seconds.min())
+    priced = (overhead.step_s * len(flood.overhead_s) + overhead.row_s * (flood.prefill_seqs + flood.decode_seqs).sum()
+              + overhead.copy_s_per_byte * cached.kv_bytes_per_token * flood.reshuffle_tokens.sum())
+    assert priced == pytest.approx(flood.overhead_s.sum(), rel=0.1)
     raw = json.loads(out.read_text())
     assert raw["device"]["type"] == "cpu" and raw["device"]["copy_bytes_per_s"] > 0
     assert (tmp_path / "cpu-tiny.html").stat().st_size > 100_000  # the Plotly report beside it

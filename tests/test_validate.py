@@ -24,7 +24,7 @@ def test_small_cpu_validation_is_within_an_honest_bound(validation_run):
         for key in ("ttft_s.p50", "e2e_s.p50", "throughput_rps"):
             assert abs(case[which][key]["error"]) <= bound, (which, key, case[which][key])
     assert 0.5 < case["device_speed"] < 2  # the live runs' forward passes, over the profile's price for them
-    # The engine overhead priced (measured on a flood before the runs) is what the live runs paid.
+    # The engine overhead priced (fitted from the sweeps' floods) for the runs' steps is what they paid.
     overhead = case["engine_overhead_s"]
     assert 0.5 < overhead["profile"] / min(overhead["live"]) and overhead["profile"] / max(overhead["live"]) < 2
     profile = json.loads((validation_run / "profile-50.json").read_text())
