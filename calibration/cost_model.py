@@ -14,8 +14,9 @@ part less the fixed per-pass overhead, which it pays once.
 Every step also pays the serving engine's own time outside the model (scheduling, preparing
 inputs, and in a padded cache copying it to add or drop rows): on a small model several percent
 of a step, and a simulator that leaves it out is optimistic. It is fitted from the calibration
-floods' steps (EngineOverhead). And the first pass after the device sat idle pays the wake penalty the profile measured for that
-gap (cold caches, lowered clocks): at low load that is most requests' first pass.
+floods' steps (EngineOverhead). And the first pass after the device sat idle pays the wake
+penalty the profile measured for that gap (cold caches, lowered clocks): at low load that is
+most requests' first pass.
 
 Inside a serving loop the model itself also runs slower than in the grid's back-to-back passes
 of one shape (on this project's CPU, 4-9% in the mean over many live runs: the loop's own work
@@ -182,8 +183,8 @@ class EngineOverhead:
 
         The engine's loop is the same whatever the mode, so the modes pool their steps, with
         copies in bytes. The mean, not a robust fit: a run pays its slow steps too. On this
-        project's CPU a copied byte cost about 1.7x what a large memcpy does: the padded
-        concatenation copies twice, and small copies pay per call."""
+        project's CPU the floods priced a copied byte 1.5-1.6x what the device's memcpy rate
+        does: the padded concatenation copies twice, and small copies pay per call."""
         floods = [(m.flood, m.kv_bytes_per_token) for m in profile.modes.values() if m.flood is not None]
         if not floods:
             return cls()

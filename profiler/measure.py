@@ -312,10 +312,10 @@ class GridSamples:
     In a KV-cache mode each column of the grid is followed by a small calibration flood through
     the live engine, whose steps (shape, seconds inside the model and outside it) the profile
     keeps beside the grids: a serving loop runs the model slower than back-to-back grid passes,
-    and spends time of its own around it, and the cost model prices both from them. Small floods spread through the sweeps, rather than one big flood at
-    its end, sample the device's drift as the grid does: on this project's VM single floods of
-    about a second ran 0.75-1.48x the grid's price, the 30 floods of one validation case together
-    1.00-1.12x.
+    and spends time of its own around it, and the cost model prices both from them. Small floods
+    spread through the sweeps, rather than one big flood at their end, sample the device's drift
+    as the grid does: on this project's VM single floods of about a second ran 0.75-1.48x the
+    grid's price, the 30 floods of one validation case together 1.00-1.12x.
     """
 
     def __init__(self, bench: Bench, spec: GridSpec):
