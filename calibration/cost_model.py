@@ -197,6 +197,8 @@ class EngineOverhead:
         return cls(*(float(c) for c in coef / scale))
 
     def __str__(self) -> str:
+        if self == EngineOverhead():
+            return "none priced (no calibration floods: they need a KV-cache mode)"
         return (f"{self.step_s * 1e3:.3f} ms/step + {self.row_s * 1e6:.1f} us/row + "
                 f"copies at {1e-9 / self.copy_s_per_byte if self.copy_s_per_byte else math.inf:.1f} GB/s")
 
