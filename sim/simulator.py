@@ -13,6 +13,7 @@ import math
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Callable
 
 import numpy as np
@@ -108,6 +109,7 @@ class Worker:
         self.scheduler = make_scheduler(sim.scenario, sim.kv_capacity)
         self.process: simpy.Process | None = None
         self.wakeable = False  # idle, or in a run of decode steps that an arrival would change
+        self.idle: simpy.Event | None = None  # what an idle worker with no deadline waits on
         self.outstanding = 0
 
     def submit(self, req: Request) -> None:
@@ -121,7 +123,11 @@ class Worker:
     def wake(self) -> None:
         if self.wakeable:
             self.wakeable = False
-            self.process.interrupt()
+            if self.idle is not None:  # cheaper than an interrupt (no exception), and the usual case
+                self.idle.succeed()
+                self.idle = None
+            else:
+                self.process.interrupt()
 
     def run(self):
         env, sim, sched = self.sim.env, self.sim, self.scheduler
@@ -132,36 +138,38 @@ class Worker:
                 if self.replica.draining and self.outstanding == 0:
                     return
                 self.wakeable = True
-                try:  # sleep until an arrival interrupts, or a dynamic batcher's deadline
-                    yield env.timeout(sched.wake_at - env.now) if sched.wake_at < math.inf else env.event()
+                if sched.wake_at == math.inf:  # sleep until an arrival
+                    self.idle = env.event()
+                    yield self.idle
+                    continue
+                try:  # a dynamic batcher's deadline, unless an arrival comes first
+                    yield env.timeout(sched.wake_at - env.now)
                 except simpy.Interrupt:
                     pass
                 self.wakeable = False
                 continue
-            # A device that sat idle runs its next pass slower (the profile's wake penalty).
+            # A device that sat idle runs its next pass slower (the profile's wake penalty); it is
+            # priced into the pass's own event, as one more event per pass would cost ~5% of the run.
             replica = self.replica
             idle = env.now - replica.last_pass_end if replica.passes_running == 0 else 0.0
             replica.passes_running += 1
-            if idle > 0.0 and (wake := cost.wake_time(idle)):
-                yield env.timeout(wake)
-                sim.busy_s += wake
-            start = env.now
+            wake = cost.wake_time(idle) if idle > 0.0 else 0.0
             if step.prefill_seqs or step.max_repeat == 1 or not sim.jump:
-                repeat, elapsed = 1, cost.step_time(step) * slowdown
+                repeat, elapsed = 1, wake + cost.step_time(step) * slowdown
                 yield env.timeout(elapsed)
             else:
-                repeat = step.max_repeat
-                elapsed = cost.decode_run(step.decode_seqs, step.decode_context, repeat) * slowdown
+                repeat, begin = step.max_repeat, env.now
+                elapsed = wake + cost.decode_run(step.decode_seqs, step.decode_context, repeat) * slowdown
                 self.wakeable = step.interruptible
                 try:
                     yield env.timeout(elapsed)
                 except simpy.Interrupt:
                     # Something arrived mid-run: finish the step in progress, then reschedule.
                     done = cost.decode_steps_done(step.decode_seqs, step.decode_context, repeat,
-                                                  (env.now - start) / slowdown)
+                                                  max(env.now - begin - wake, 0.0) / slowdown)
                     repeat = min(done + 1, repeat)
-                    elapsed = cost.decode_run(step.decode_seqs, step.decode_context, repeat) * slowdown
-                    yield env.timeout(max(start + elapsed - env.now, 0.0))
+                    elapsed = wake + cost.decode_run(step.decode_seqs, step.decode_context, repeat) * slowdown
+                    yield env.timeout(max(begin + elapsed - env.now, 0.0))
                 self.wakeable = False
             replica.passes_running -= 1
             replica.last_pass_end = env.now
@@ -213,7 +221,7 @@ class Simulation:
         self.rr = 0
         self.closed = False  # every request has arrived
         self.busy_s = 0.0
-        self.batch_sizes = np.zeros(self._max_rows() + 1, dtype=np.int64)
+        self.batch_sizes = [0] * (self._max_rows() + 1)  # a list: a numpy item update costs more
         self.actions: list[tuple[float, str, int, int, str]] = []
         self.cache: OrderedDict[int, float] | None = OrderedDict() if scenario.response_cache else None
         auto = scenario.autoscaler
@@ -301,7 +309,7 @@ class Simulation:
         elif router == "random":
             worker = ready[self.rng.randrange(len(ready))]
         else:
-            worker = min(ready, key=lambda w: w.outstanding)
+            worker = min(ready, key=attrgetter("outstanding"))
         worker.submit(req)
 
     def finish(self, req: Request) -> None:
@@ -376,7 +384,7 @@ class Simulation:
         env.run(until=self.all_done)
         end = env.now
         gpu_seconds = sum(min(r.stopped_at, end) - r.started_at for r in self.replicas)
-        return Run(self.trace, self.outcome, self.samples, self.actions, self.batch_sizes,
+        return Run(self.trace, self.outcome, self.samples, self.actions, np.array(self.batch_sizes, np.int64),
                    self.busy_s, gpu_seconds, self.kv_capacity, end)
 
 
