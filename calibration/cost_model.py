@@ -250,20 +250,24 @@ class CostModel:
         return (self.decode.run_sum(seqs, context_sum / seqs, repeat) * self.serving_factor
                 + repeat * (self.overhead.step_s + seqs * self.overhead.row_s))  # a run copies nothing
 
-    def decode_steps_done(self, seqs: int, context_sum: float, repeat: int, elapsed: float) -> int:
-        """How many steps of such a run have ended `elapsed` seconds after it began.
+    def decode_run_cut(self, seqs: int, context_sum: float, repeat: int, run_s: float,
+                       elapsed: float) -> tuple[int, float]:
+        """A run of `repeat` decode steps taking `run_s` seconds, cut short `elapsed` seconds after
+        it began, still finishes the step in progress: how many steps it runs, and their seconds.
 
         Step times change slowly along a run, so an estimate from the mean step time is off by a
-        step or two; closed-form sums then settle it exactly."""
+        step or two; closed-form sums then settle it exactly, usually in two."""
         def run(n: int) -> float:
             return self.decode_run(seqs, context_sum, n)
 
-        n = min(int(elapsed / (run(repeat) / repeat)), repeat)
-        while n > 0 and run(n) > elapsed:
-            n -= 1
-        while n < repeat and run(n + 1) <= elapsed:
+        n = min(int(elapsed / (run_s / repeat)) + 1, repeat)  # the first step to end after `elapsed`
+        t = run(n)
+        while n > 1 and (shorter := run(n - 1)) > elapsed:
+            n, t = n - 1, shorter
+        while n < repeat and t <= elapsed:
             n += 1
-        return n
+            t = run(n)
+        return n, t
 
     def _grid_time(self, prefill_seqs: int, prefill_len: float, decode_seqs: int, decode_context: float) -> float:
         """Seconds of a forward pass as the grid's back-to-back passes ran it."""

@@ -159,16 +159,16 @@ class Worker:
                 yield env.timeout(elapsed)
             else:
                 repeat, begin = step.max_repeat, env.now
-                elapsed = wake + cost.decode_run(step.decode_seqs, step.decode_context, repeat) * slowdown
+                run_s = cost.decode_run(step.decode_seqs, step.decode_context, repeat)
+                elapsed = wake + run_s * slowdown
                 self.wakeable = step.interruptible
                 try:
                     yield env.timeout(elapsed)
                 except simpy.Interrupt:
                     # Something arrived mid-run: finish the step in progress, then reschedule.
-                    done = cost.decode_steps_done(step.decode_seqs, step.decode_context, repeat,
-                                                  max(env.now - begin - wake, 0.0) / slowdown)
-                    repeat = min(done + 1, repeat)
-                    elapsed = wake + cost.decode_run(step.decode_seqs, step.decode_context, repeat) * slowdown
+                    repeat, run_s = cost.decode_run_cut(step.decode_seqs, step.decode_context, repeat, run_s,
+                                                        max(env.now - begin - wake, 0.0) / slowdown)
+                    elapsed = wake + run_s * slowdown
                     yield env.timeout(max(begin + elapsed - env.now, 0.0))
                 self.wakeable = False
             replica.passes_running -= 1

@@ -34,10 +34,12 @@ def test_closed_form_run_equals_step_by_step_sum(mode):
             for n in (1, 7, 300, 5000):
                 steps = [cm.step_time(Step(decode_seqs=b, decode_context=b * (start + j))) for j in range(n)]
                 assert cm.decode_run(b, b * start, n) == pytest.approx(sum(steps), rel=1e-9)
-                # Cut short at any moment, the run has finished exactly the steps whose ends passed.
+                # Cut short at any moment, the run finishes the step in progress and no more.
                 ends = np.cumsum(steps)
                 for t in (0.0, ends[0] * 0.5, ends[n // 2] * 1.0000001, ends[-1] * 0.999999):
-                    assert cm.decode_steps_done(b, start * b, n, t) == int(np.searchsorted(ends, t, side="right"))
+                    k = min(int(np.searchsorted(ends, t, side="right")) + 1, n)
+                    done, seconds = cm.decode_run_cut(b, start * b, n, ends[-1], t)
+                    assert done == k and seconds == pytest.approx(ends[k - 1], rel=1e-9)
 
 
 def test_every_step_pays_the_engine_overhead_once_per_step_per_row_and_per_copied_byte():
