@@ -148,8 +148,8 @@ class Worker:
                     pass
                 self.wakeable = False
                 continue
-            # A device that sat idle runs its next pass slower (the profile's wake penalty); it is
-            # priced into the pass's own event, as one more event per pass would cost ~5% of the run.
+            # A device that sat idle runs its next pass slower (the profile's wake penalty). It is
+            # priced into the pass's own event: an event of its own per pass cost the run several percent.
             replica = self.replica
             idle = env.now - replica.last_pass_end if replica.passes_running == 0 else 0.0
             replica.passes_running += 1
