@@ -249,7 +249,8 @@ def main(argv=None) -> int:
                           for key, p in (("sim", fresh), ("sim_at_run_speed", at_speed), ("sim_shipped", profile))}
             sims = {key: percentiles(frame) for key, frame in sim_frames.items()}
             case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
-                    "device_speed": speed, "engine_overhead_s": {"profile": priced_overhead,
+                    "device_speed": speed, "device_speed_per_run": [device_speed([run], cost) for run in live_runs],
+                    "engine_overhead_s": {"profile": priced_overhead,
                                                                  "live": [run.overhead_s for run in live_runs]},
                     "live": live_stats, **sims}
             for key in sims:
@@ -296,8 +297,9 @@ def table(result: dict) -> str:
                          f"{pct(row['error']):>9}{pct(row['noise']):>12}{fmt(at_speed['sim']):>18}"
                          f"{pct(at_speed['error']):>9}")
         overhead = case["engine_overhead_s"]
-        lines.append(f"{case['load']:<9}device ran {case['device_speed']:.3f}x the profile's forward times; engine "
-                     f"overhead {overhead['profile'] * 1000:.2f} ms/step priced, "
+        runs = ", ".join(f"{v:.3f}" for v in case["device_speed_per_run"])
+        lines.append(f"{case['load']:<9}device ran {case['device_speed']:.3f}x the profile's forward times "
+                     f"(runs: {runs}); engine overhead {overhead['profile'] * 1000:.2f} ms/step priced, "
                      + ", ".join(f"{v * 1000:.2f}" for v in overhead["live"]) + " ms live")
     lines += ["", "sim: priced by the profile swept before, between and after the live runs (the prediction).",
               "sim at run speed: the same, with forward times scaled by how fast the device ran the live runs,",

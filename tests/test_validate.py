@@ -24,6 +24,8 @@ def test_small_cpu_validation_is_within_an_honest_bound(validation_run):
         for key in ("ttft_s.p50", "e2e_s.p50", "throughput_rps"):
             assert abs(case[which][key]["error"]) <= bound, (which, key, case[which][key])
     assert 0.5 < case["device_speed"] < 2  # the live runs' forward passes, over the profile's price for them
+    (low, high) = sorted(case["device_speed_per_run"])  # the same, run by run: the pooled figure lies between
+    assert low <= case["device_speed"] <= high
     # The engine overhead priced (fitted from the sweeps' floods) for the runs' steps is what they paid.
     overhead = case["engine_overhead_s"]
     assert 0.5 < overhead["profile"] / min(overhead["live"]) and overhead["profile"] / max(overhead["live"]) < 2
