@@ -20,7 +20,8 @@ KEYS = [("ttft_s.p50", "TTFT p50"), ("ttft_s.p90", "TTFT p90"), ("e2e_s.p50", "E
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "results/validation")
     print("| arrivals · batching | load | " + " | ".join(label for _, label in KEYS)
-          + " | live run-to-run (max) | device speed, live / profile (each run) | engine overhead, ms/step: priced · live |")
+          + " | live run-to-run (max) | device speed, live / profile (each run)"
+          + " | engine overhead, ms/step: priced · live |")
     print("|---|---|" + "---|" * len(KEYS) + "---|---|---|")
     results = [json.loads(path.read_text()) for path in sorted(folder.glob("*/validation.json"))]
     for result in results:
@@ -33,7 +34,8 @@ def main() -> None:
             live = " / ".join(f"{v * 1000:.2f}" for v in overhead["live"])
             runs = " / ".join(f"{v:.2f}" for v in case.get("device_speed_per_run", []))
             print(f"| {name} | {case['load']} ({case['offered_rps']:.1f} req/s) | " + " | ".join(cells)
-                  + f" | {noise:.0%} | {case['device_speed']:.2f} ({runs}) | {overhead['profile'] * 1000:.2f} · {live} |")
+                  + f" | {noise:.0%} | {case['device_speed']:.2f} ({runs})"
+                  + f" | {overhead['profile'] * 1000:.2f} · {live} |")
     print()
     for label, which in (("prediction", "comparison"), ("at run speed", "comparison_at_run_speed")):
         errors = [abs(case[which][k]["error"]) for result in results for case in result["cases"] for k, _ in KEYS[:4]]

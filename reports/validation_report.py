@@ -29,7 +29,8 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
             rows.append([case["load"], key, fmt(r["live_mean"]), fmt(r["sim"]), pct(r["error"]),
                          "-" if r["noise"] is None else f"{r['noise']:.1%}", fmt(at_speed["sim"]),
                          pct(at_speed["error"])])
-    device = [[case["load"], f"{case['device_speed']:.3f} ({', '.join(f'{v:.3f}' for v in case['device_speed_per_run'])})",
+    runs = lambda case: ", ".join(f"{v:.3f}" for v in case["device_speed_per_run"])  # noqa: E731
+    device = [[case["load"], f"{case['device_speed']:.3f} ({runs(case)})",
                f"{case['engine_overhead_s']['profile'] * 1000:.2f} ms",
                ", ".join(f"{v * 1000:.2f} ms" for v in case["engine_overhead_s"]["live"])]
               for case in result["cases"]]
@@ -40,7 +41,8 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
                 table(["load", "metric", "live (mean of runs)", "simulated", "error", "live run-to-run",
                        "simulated at run speed", "error"], rows),
                 "<h2>The device during the live runs</h2>",
-                table(["load", "forward time, live / profile (each run)", "engine overhead priced (mean over the runs' steps)",
+                table(["load", "forward time, live / profile (each run)",
+                       "engine overhead priced (mean over the runs' steps)",
                        "engine overhead in the live runs (mean)"], device)]
     for i, (label, (live, sim)) in enumerate(frames.items()):
         fig = make_subplots(rows=1, cols=4, subplot_titles=[m for _, m in METRICS] + ["E2E per request"])
