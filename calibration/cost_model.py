@@ -225,6 +225,12 @@ class CostModel:
         self._workers = np.array(sorted(conc), float)
         self._slowdown = np.array([conc[int(w)] for w in self._workers]) / conc[1] if 1 in conc else None
 
+    @classmethod
+    def of(cls, profile: Profile, mode: Mode) -> CostModel:
+        """How the simulator prices `mode` of `profile`: with the engine overhead its floods fit.
+        `validate` prices the live runs' steps through this too, so the two cannot diverge."""
+        return cls(mode, EngineOverhead.fit(profile))
+
     def slowdown(self, workers: int) -> float:
         """How much slower each worker's passes run when `workers` share one device."""
         if workers == 1 or self._slowdown is None:

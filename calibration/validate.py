@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
-        from calibration.cost_model import CostModel, EngineOverhead
+        from calibration.cost_model import CostModel
         from calibration.profile import load as load_profile
         from sim import scenario as scenario_mod, workload
         from sim.files import atomic_folder
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
                 log(f"  took {time.perf_counter() - t0:.1f} s")
                 swept(samples)
             profiles[label], fresh = profile_of(samples)
-            cost = CostModel(fresh.modes[mode_spec.name], EngineOverhead.fit(fresh))
+            cost = CostModel.of(fresh, fresh.modes[mode_spec.name])
             speed = device_speed(live_runs, cost)
             priced_overhead = float(np.mean([cost.overhead_time(step) for run in live_runs for step in run.steps]))
             at_speed = parse_profile(scaled(profiles[label], mode_spec.name, speed), "in-process profile")

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import simpy
 
-from calibration.cost_model import CostModel, EngineOverhead
+from calibration.cost_model import CostModel
 from calibration.profile import Profile
 from sim.errors import InputError
 from sim.request import Request
@@ -205,7 +205,7 @@ class Simulation:
         self.progress = progress  # called with the number of requests done, every 1% or so
         dep = scenario.deployment
         mode = profile.mode(dep.mode, f"{scenario.path}: deployment.mode")
-        self.cost = CostModel(mode, EngineOverhead.fit(profile))
+        self.cost = CostModel.of(profile, mode)
         self.slowdown = self.cost.slowdown(dep.workers_per_gpu)
         self.kv_capacity = kv_capacity_per_worker(scenario, profile)
         self.env = simpy.Environment()
