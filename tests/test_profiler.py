@@ -85,3 +85,39 @@ def test_decode_grid_measures_every_small_batch_not_only_the_fast_powers_of_two(
     assert decode_batches(20) == (*range(1, 17), 20)  # the scheduler's own limit is always measured
     assert decode_batches(6) == (1, 2, 3, 4, 5, 6)
     assert GRIDS["cpu"].decode_batch == decode_batches(32)
+
+
+def test_grid_passes_of_several_rows_attend_through_a_padding_mask_as_the_live_engine_does():
+    """A left-padded batch of two or more rows runs attention through a mask (another kernel path,
+    another cost), so the grid times those passes masked, the mask always as wide as the cache
+    plus the new token; one row is never padded."""
+    pytest.importorskip("torch")
+    import torch
+
+    from profiler.measure import GRIDS, Bench, ModeSpec
+    from profiler.models import build, lookup
+
+    model = build(lookup("llama-tiny"), torch.float32, torch.device("cpu"))
+    bench = Bench(model, torch.device("cpu"), ModeSpec.parse("fp32"), GRIDS["cpu-quick"])
+    calls = []
+
+    def spy(**inputs):
+        cache = inputs.get("past_key_values")
+        calls.append((inputs["input_ids"].shape, inputs["attention_mask"], cache.get_seq_length() if cache else 0))
+        return model(**inputs)
+
+    bench.forward = spy
+    for b in (1, 3):
+        calls.clear()
+        bench.decode(b, 16, warmup=2)
+        assert len(calls) == 2 + GRIDS["cpu-quick"].repeats
+        for k, (shape, mask, cached) in enumerate(calls):
+            assert cached == 16 + k and shape == (b, 1)
+            if b == 1:
+                assert mask is None
+            else:  # one padded column in one row; every row attends to the cache and its new token
+                assert mask.shape == (b, cached + 1) and int((mask == 0).sum()) == 1
+        calls.clear()
+        bench.prefill(b, 20, warmup=0)
+        mask = calls[0][1]
+        assert mask is None if b == 1 else (mask.shape == (b, 20) and int((mask == 0).sum()) == 1)
