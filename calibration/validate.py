@@ -87,13 +87,39 @@ def compare(live: list[dict], sim: dict) -> dict:
     return rows
 
 
+def step_seconds(runs, cost) -> tuple[np.ndarray, np.ndarray]:
+    """Each live step's seconds inside the model, and the profile's price for it after the same idle gap."""
+    live = np.concatenate([run.forward_s for run in runs])
+    priced = np.array([cost.forward_time(step) + cost.wake_time(idle)
+                       for run in runs for step, idle in zip(run.steps, run.idle_s)])
+    return live, priced
+
+
 def device_speed(runs, cost) -> float:
     """Time the live runs spent inside the model over what the profile predicts for the same
     steps after the same idle gaps: 1.1 means the device ran 10% slower during the runs than
     while the profile was swept."""
-    predicted = sum(cost.forward_time(step) + cost.wake_time(idle)
-                    for run in runs for step, idle in zip(run.steps, run.idle_s))
-    return float(sum(run.forward_s.sum() for run in runs) / predicted)
+    live, priced = step_seconds(runs, cost)
+    return float(live.sum() / priced.sum())
+
+
+def device_speed_by_pass(runs, cost) -> list[dict]:
+    """`device_speed` split by the kind of pass and its rows (1, 2, 3-4, 5-8, ...). The device's
+    drift moves every kind of pass alike; a grid that times some shape unlike the live engine
+    runs it moves that shape's figure alone."""
+    live, priced = step_seconds(runs, cost)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, step in enumerate(s for run in runs for s in run.steps):
+        rows = step.prefill_seqs or step.decode_seqs
+        top = 1 << (rows - 1).bit_length()  # the power of two at or above: bins 1, 2, 3-4, 5-8, ...
+        groups.setdefault(("prefill" if step.prefill_seqs else "decode", top), []).append(i)
+    out = []
+    for kind, top in sorted(groups, key=lambda key: (key[0] != "prefill", key[1])):  # prefill first
+        index = groups[kind, top]
+        out.append({"pass": kind, "rows": str(top) if top <= 2 else f"{top // 2 + 1}-{top}", "steps": len(index),
+                    "live_ms": 1e3 * float(live[index].mean()), "priced_ms": 1e3 * float(priced[index].mean()),
+                    "speed": float(live[index].sum() / priced[index].sum())})
+    return out
 
 
 def scaled(raw: dict, mode: str, factor: float) -> dict:
@@ -250,6 +276,7 @@ def main(argv=None) -> int:
             sims = {key: percentiles(frame) for key, frame in sim_frames.items()}
             case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
                     "device_speed": speed, "device_speed_per_run": [device_speed([run], cost) for run in live_runs],
+                    "device_speed_by_pass": device_speed_by_pass(live_runs, cost),
                     "engine_overhead_s": {"profile": priced_overhead,
                                                                  "live": [run.overhead_s for run in live_runs]},
                     "live": live_stats, **sims}
@@ -301,6 +328,8 @@ def table(result: dict) -> str:
         lines.append(f"{case['load']:<9}device ran {case['device_speed']:.3f}x the profile's forward times "
                      f"(runs: {runs}); engine overhead {overhead['profile'] * 1000:.2f} ms/step priced, "
                      + ", ".join(f"{v * 1000:.2f}" for v in overhead["live"]) + " ms live")
+        lines.append(f"{case['load']:<9}by pass, live / priced (steps): " + ", ".join(
+            f"{g['pass']} {g['rows']} {g['speed']:.2f} ({g['steps']})" for g in case["device_speed_by_pass"]))
     lines += ["", "sim: priced by the profile swept before, between and after the live runs (the prediction).",
               "sim at run speed: the same, with forward times scaled by how fast the device ran the live runs,",
               "which takes the device's drift out and leaves the simulator's own error."]

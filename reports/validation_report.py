@@ -34,6 +34,9 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
                f"{case['engine_overhead_s']['profile'] * 1000:.2f} ms",
                ", ".join(f"{v * 1000:.2f} ms" for v in case["engine_overhead_s"]["live"])]
               for case in result["cases"]]
+    by_pass = [[case["load"], f"{g['pass']} of {g['rows']} row{'s' if g['rows'] != '1' else ''}", g["steps"],
+                f"{g['live_ms']:.2f} ms", f"{g['priced_ms']:.2f} ms", f"{g['speed']:.3f}"]
+               for case in result["cases"] for g in case["device_speed_by_pass"]]
     sections = ["<h2>Live vs simulated</h2>",
                 "<p><b>simulated</b>: priced by the profile swept before, between and after the live runs (the "
                 "prediction). <b>at run speed</b>: the same with forward times scaled by how fast the device ran "
@@ -43,7 +46,10 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
                 "<h2>The device during the live runs</h2>",
                 table(["load", "forward time, live / profile (each run)",
                        "engine overhead priced (mean over the runs' steps)",
-                       "engine overhead in the live runs (mean)"], device)]
+                       "engine overhead in the live runs (mean)"], device),
+                "<p>The same forward time by kind of pass: the device's drift moves every kind alike, a grid that "
+                "times some shape unlike the live engine runs it moves that one alone.</p>",
+                table(["load", "pass", "steps", "live (mean)", "priced (mean)", "live / priced"], by_pass)]
     for i, (label, (live, sim)) in enumerate(frames.items()):
         fig = make_subplots(rows=1, cols=4, subplot_titles=[m for _, m in METRICS] + ["E2E per request"])
         for col, (key, name) in enumerate(METRICS, start=1):

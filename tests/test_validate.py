@@ -26,6 +26,12 @@ def test_small_cpu_validation_is_within_an_honest_bound(validation_run):
     assert 0.5 < case["device_speed"] < 2  # the live runs' forward passes, over the profile's price for them
     (low, high) = sorted(case["device_speed_per_run"])  # the same, run by run: the pooled figure lies between
     assert low <= case["device_speed"] <= high
+    # And kind of pass by kind of pass: every step in one group, the groups adding up to the whole.
+    groups = case["device_speed_by_pass"]
+    assert {g["pass"] for g in groups} == {"prefill", "decode"}
+    assert len({(g["pass"], g["rows"]) for g in groups}) == len(groups)
+    live, priced = (sum(g["steps"] * g[k] for g in groups) for k in ("live_ms", "priced_ms"))
+    assert live / priced == pytest.approx(case["device_speed"])
     # The engine overhead priced (fitted from the sweeps' floods) for the runs' steps is what they paid.
     overhead = case["engine_overhead_s"]
     assert 0.5 < overhead["profile"] / min(overhead["live"]) and overhead["profile"] / max(overhead["live"]) < 2
