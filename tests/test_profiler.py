@@ -87,10 +87,10 @@ def test_decode_grid_measures_every_small_batch_not_only_the_fast_powers_of_two(
     assert GRIDS["cpu"].decode_batch == decode_batches(32)
 
 
-def test_grid_passes_of_several_rows_attend_through_a_padding_mask_as_the_live_engine_does():
+def test_grid_times_passes_as_the_live_engine_runs_them():
     """A left-padded batch of two or more rows runs attention through a mask (another kernel path,
     another cost), so the grid times those passes masked, the mask always as wide as the cache
-    plus the new token; one row is never padded."""
+    plus the new token; one row is never padded. A prefill point times the lengths around its own."""
     pytest.importorskip("torch")
     import torch
 
@@ -118,6 +118,9 @@ def test_grid_passes_of_several_rows_attend_through_a_padding_mask_as_the_live_e
             else:  # one padded column in one row; every row attends to the cache and its new token
                 assert mask.shape == (b, cached + 1) and int((mask == 0).sum()) == 1
         calls.clear()
-        bench.prefill(b, 20, warmup=0)
-        mask = calls[0][1]
-        assert mask is None if b == 1 else (mask.shape == (b, 20) and int((mask == 0).sum()) == 1)
+        for _ in range(4):  # 4 x (1 warm-up + 3 repeats): 16 passes of this point, across "sweeps"
+            bench.prefill(b, 20, warmup=1)
+        # Live prompts take every length, so the point times each of the 16 lengths around 20 once.
+        assert sorted(shape[1] for shape, _, _ in calls) == list(range(12, 28))
+        for shape, mask, _ in calls:
+            assert mask is None if b == 1 else (mask.shape == shape and int((mask == 0).sum()) == 1)
