@@ -53,15 +53,17 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
     for i, (label, (live, sim)) in enumerate(frames.items()):
         fig = make_subplots(rows=1, cols=4, subplot_titles=[m for _, m in METRICS] + ["E2E per request"])
         for col, (key, name) in enumerate(METRICS, start=1):
-            for frame, who, dash in ((live, "live", None), (sim, "simulated", "dash")):
+            # one colour per side in every panel, so the one legend reads for all four
+            for frame, who, dash, colour in ((live, "live", None, "#1f77b4"), (sim, "simulated", "dash", "#d62728")):
                 x, y = _cdf(frame[key].to_numpy(float))
-                fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"{who}", line_dash=dash,
+                fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=who, line_dash=dash, line_color=colour,
                                          legendgroup=who, showlegend=col == 1), row=1, col=col)
         e_live, e_sim = live["e2e_s"].to_numpy(float), sim["e2e_s"].to_numpy(float)
-        fig.add_trace(go.Scatter(x=e_live, y=e_sim, mode="markers", marker_size=4, name="request",
-                                 showlegend=False), row=1, col=4)
+        fig.add_trace(go.Scatter(x=e_live, y=e_sim, mode="markers", marker_size=4, marker_color="#444",
+                                 name="request", showlegend=False), row=1, col=4)
         top = float(np.nanmax([np.nanmax(e_live), np.nanmax(e_sim)]))
-        fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line_dash="dot", showlegend=False),
+        fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line_dash="dot", line_color="#999",
+                                 showlegend=False),
                       row=1, col=4)
         fig.update_xaxes(title_text="live E2E (s)", row=1, col=4)
         fig.update_yaxes(title_text="simulated E2E (s)", row=1, col=4)
