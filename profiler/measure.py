@@ -290,9 +290,10 @@ def padding_mask(b: int, length: int, device: torch.device) -> torch.Tensor | No
     The live engine keeps a left-padded cache, so its passes of two or more rows (whose prompts
     differ in length) attend through a mask, and attention takes another path with one: on
     this project's CPU 2- to 4-row decode steps ran 4-20% slower with a mask, 8 and 16 rows
-    -17% to +13% with no steady sign. Any padding takes that path and costs the same, so row 0 has one padded column.
-    Timing the grid unmasked had priced the live runs' 2-row steps 21% low, and the calibration
-    floods' mostly masked steps then raised every price through the serving factor."""
+    -17% to +13% with no steady sign. Any padding takes that path and costs the same, so row 0
+    has one padded column. Timing the grid unmasked had priced the live runs' 2-row steps 21%
+    low, and the calibration floods' mostly masked steps then raised every price through the
+    serving factor."""
     if b < 2:
         return None
     mask = torch.ones(b, length, dtype=torch.long, device=device)

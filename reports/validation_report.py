@@ -63,8 +63,7 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
                                  name="request", showlegend=False), row=1, col=4)
         top = float(np.nanmax([np.nanmax(e_live), np.nanmax(e_sim)]))
         fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line_dash="dot", line_color="#999",
-                                 showlegend=False),
-                      row=1, col=4)
+                                 showlegend=False), row=1, col=4)
         fig.update_xaxes(title_text="live E2E (s)", row=1, col=4)
         fig.update_yaxes(title_text="simulated E2E (s)", row=1, col=4)
         fig.update_layout(title=f"load {label}: CDFs (seconds) and per-request E2E")
