@@ -4,6 +4,8 @@
 
 Each error cell is `prediction · at run speed`: the simulation priced by the profile swept around
 the live runs, then the same with forward times scaled by how fast the device ran the live runs.
+A load is the fraction of saturation asked for, its rate, and the load the runs met: that rate
+over the saturation priced by the sweeps around them.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def main() -> None:
             overhead = case["engine_overhead_s"]
             live = " / ".join(f"{v * 1000:.2f}" for v in overhead["live"])
             runs = " / ".join(f"{v:.2f}" for v in case.get("device_speed_per_run", []))
-            print(f"| {name} | {case['load']} ({case['offered_rps']:.1f} req/s) | " + " | ".join(cells)
+            load = f"{case['load']} ({case['offered_rps']:.1f} req/s; met {case['realized_load']:.0%})"
+            print(f"| {name} | {load} | " + " | ".join(cells)
                   + f" | {noise:.0%} | {case['device_speed']:.2f} ({runs})"
                   + f" | {overhead['profile'] * 1000:.2f} · {live} |")
     print()

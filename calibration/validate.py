@@ -29,8 +29,10 @@ examples:
   validate scenarios/validation/bursty.yaml --gpu 0 --runs 2
 
 --loads sets the offered load as fractions of the saturation throughput, which the simulator
-finds by flooding the deployment with the same request mix; without it the scenario's own
-rate is used. Writes validation.json and report.html (CDF overlays, per-request scatter).
+finds by flooding the deployment with the same request mix, priced by the sweep just before
+that load's live runs; without it the scenario's own rate is used. Each load also reports the
+load the runs really met, priced by all the sweeps around them. Writes validation.json and
+report.html (CDF overlays, per-request scatter).
 """
 
 
@@ -247,15 +249,18 @@ def main(argv=None) -> int:
             samples.sweep()
             return samples
 
-        _, first = profile_of(swept(GridSamples(bench, grid)))
-        capacity = saturation_rps(scenario, first, base) if args.loads else None
-        kv_capacity = kv_capacity_per_worker(scenario, first)
         cases, frames, profiles = [], {}, {}
         for load in loads:
+            # A load is a fraction of the saturation as the device runs now: found from the sweep
+            # just before this load's live runs. Found once for all loads from a sweep minutes
+            # earlier, "90%" ran at 85-110% of what the runs' own sweeps priced, matrix to matrix.
+            samples = swept(GridSamples(bench, grid))
+            _, before = profile_of(samples)
+            kv_capacity = kv_capacity_per_worker(scenario, before)
+            capacity = None if load is None else saturation_rps(scenario, before, base)
             factor = 1.0 if load is None else load * capacity / workload.offered_rate(base)
             trace = workload.generate(workload.scale_rate(scenario.workload, factor), scenario.seed)
             label = "as given" if load is None else f"{load:.0%}"
-            samples = swept(GridSamples(bench, grid))
             live_stats, live_frames, live_runs = [], [], []
             for i in range(args.runs):
                 log(f"load {label}: live run {i + 1}/{args.runs} of {len(trace)} requests "
@@ -274,7 +279,11 @@ def main(argv=None) -> int:
             sim_frames = {key: requests_frame(trace, simulate(scenario, p, trace).outcome)
                           for key, p in (("sim", fresh), ("sim_at_run_speed", at_speed), ("sim_shipped", profile))}
             sims = {key: percentiles(frame) for key, frame in sim_frames.items()}
+            # The load the runs really met: the offered rate over the saturation priced by the
+            # sweeps around them, the profile that prices the simulation.
+            realized = workload.offered_rate(trace) / saturation_rps(scenario, fresh, base)
             case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
+                    "saturation_rps": capacity, "realized_load": realized,
                     "device_speed": speed, "device_speed_per_run": [device_speed([run], cost) for run in live_runs],
                     "device_speed_by_pass": device_speed_by_pass(live_runs, cost),
                     "engine_overhead_s": {"profile": priced_overhead,
@@ -287,7 +296,7 @@ def main(argv=None) -> int:
         result = {
             "scenario": scenario.name, "policy": scenario.deployment.batching.policy,
             "profile": profile.name, "mode": scenario.deployment.mode, "device": str(device),
-            "torch": torch.__version__, "saturation_rps": capacity, "runs": args.runs,
+            "torch": torch.__version__, "runs": args.runs,
             "command": "validate " + " ".join(sys.argv[1:] if argv is None else argv), "cases": cases,
         }
         out = args.out or Path("results") / f"validate-{scenario.name}"
@@ -323,6 +332,8 @@ def table(result: dict) -> str:
             lines.append(f"{case['load']:<9}{label:<16}{fmt(row['live_mean']):>11}{fmt(row['sim']):>11}"
                          f"{pct(row['error']):>9}{pct(row['noise']):>12}{fmt(at_speed['sim']):>18}"
                          f"{pct(at_speed['error']):>9}")
+        lines.append(f"{case['load']:<9}offered {case['offered_rps']:.2f} req/s: {case['realized_load']:.0%} of the "
+                     "saturation priced by the sweeps around the runs")
         overhead = case["engine_overhead_s"]
         runs = ", ".join(f"{v:.3f}" for v in case["device_speed_per_run"])
         lines.append(f"{case['load']:<9}device ran {case['device_speed']:.3f}x the profile's forward times "

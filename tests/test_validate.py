@@ -23,6 +23,10 @@ def test_small_cpu_validation_is_within_an_honest_bound(validation_run):
     for which, bound in BOUNDS.items():
         for key in ("ttft_s.p50", "e2e_s.p50", "throughput_rps"):
             assert abs(case[which][key]["error"]) <= bound, (which, key, case[which][key])
+    # The load asked for is of the saturation priced just before the runs; the load they met, of
+    # the saturation the sweeps around them price, differs by the device's drift in between.
+    assert case["offered_rps"] == pytest.approx(0.5 * case["saturation_rps"], rel=0.02)
+    assert 0.3 < case["realized_load"] < 0.8
     assert 0.5 < case["device_speed"] < 2  # the live runs' forward passes, over the profile's price for them
     (low, high) = sorted(case["device_speed_per_run"])  # the same, run by run: the pooled figure lies between
     assert low <= case["device_speed"] <= high
