@@ -5,7 +5,8 @@
 Each error cell is `prediction · at run speed`: the simulation priced by the profile swept around
 the live runs, then the same with forward times scaled by how fast the device ran the live runs.
 A load is the fraction of saturation asked for, its rate, and the load the runs met: that rate
-over the saturation priced by the sweeps around them.
+over the saturation priced by the sweeps around them. Sweeps / profile: how fast the device ran
+each sweep the profile pools (before, between and after the live runs), over the pool.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ KEYS = [("ttft_s.p50", "TTFT p50"), ("ttft_s.p90", "TTFT p90"), ("e2e_s.p50", "E
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "results/validation")
     print("| arrivals · batching | load | " + " | ".join(label for _, label in KEYS)
-          + " | live run-to-run (max) | device speed, live / profile (each run)"
+          + " | live run-to-run (max) | device speed, live / profile (each run) | sweeps / profile"
           + " | engine overhead, ms/step: priced · live |")
-    print("|---|---|" + "---|" * len(KEYS) + "---|---|---|")
+    print("|---|---|" + "---|" * len(KEYS) + "---|---|---|---|")
     results = [json.loads(path.read_text()) for path in sorted(folder.glob("*/validation.json"))]
     for result in results:
         for case in result["cases"]:
@@ -34,10 +35,11 @@ def main() -> None:
             name = f"{result['scenario'].removeprefix('validate-')} · {result['policy']}"
             overhead = case["engine_overhead_s"]
             live = " / ".join(f"{v * 1000:.2f}" for v in overhead["live"])
-            runs = " / ".join(f"{v:.2f}" for v in case.get("device_speed_per_run", []))
+            runs = " / ".join(f"{v:.2f}" for v in case["device_speed_per_run"])
+            sweeps = " / ".join(f"{v:.2f}" for v in case["sweep_levels"])
             load = f"{case['load']} ({case['offered_rps']:.1f} req/s; met {case['realized_load']:.0%})"
             print(f"| {name} | {load} | " + " | ".join(cells)
-                  + f" | {noise:.0%} | {case['device_speed']:.2f} ({runs})"
+                  + f" | {noise:.0%} | {case['device_speed']:.2f} ({runs}) | {sweeps}"
                   + f" | {overhead['profile'] * 1000:.2f} · {live} |")
     print()
     for label, which in (("prediction", "comparison"), ("at run speed", "comparison_at_run_speed")):

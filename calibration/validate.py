@@ -285,6 +285,7 @@ def main(argv=None) -> int:
             case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
                     "saturation_rps": capacity, "realized_load": realized,
                     "device_speed": speed, "device_speed_per_run": [device_speed([run], cost) for run in live_runs],
+                    "sweep_levels": samples.sweep_levels(),
                     "device_speed_by_pass": device_speed_by_pass(live_runs, cost),
                     "engine_overhead_s": {"profile": priced_overhead,
                                                                  "live": [run.overhead_s for run in live_runs]},
@@ -336,8 +337,10 @@ def table(result: dict) -> str:
                      "saturation priced by the sweeps around the runs")
         overhead = case["engine_overhead_s"]
         runs = ", ".join(f"{v:.3f}" for v in case["device_speed_per_run"])
+        sweeps = ", ".join(f"{v:.3f}" for v in case["sweep_levels"])
         lines.append(f"{case['load']:<9}device ran {case['device_speed']:.3f}x the profile's forward times "
-                     f"(runs: {runs}); engine overhead {overhead['profile'] * 1000:.2f} ms/step priced, "
+                     f"(runs: {runs}; the sweeps it pools ran {sweeps}x)")
+        lines.append(f"{case['load']:<9}engine overhead {overhead['profile'] * 1000:.2f} ms/step priced, "
                      + ", ".join(f"{v * 1000:.2f}" for v in overhead["live"]) + " ms live")
         lines.append(f"{case['load']:<9}by pass, live / priced (steps): " + ", ".join(
             f"{g['pass']} {g['rows']} {g['speed']:.2f} ({g['steps']})" for g in case["device_speed_by_pass"]))

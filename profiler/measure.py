@@ -374,6 +374,7 @@ class GridSamples:
         self.samples: dict[tuple, list[float]] = {}
         self.peaks: dict[tuple, int | None] = {}
         self.oom: dict[tuple, int] = {}  # (kind, column) -> the smallest batch index that ran out
+        self.sweep_starts: list[dict[tuple, int]] = []  # each point's sample count as each sweep began
         # The calibration floods' steps, a list per column of the profile's `flood` section.
         self.flood: dict[str, list] = {key: [] for key in Flood.__dataclass_fields__} if bench.mode.kv_cache else {}
 
@@ -381,6 +382,7 @@ class GridSamples:
         return sum(len(batches) * len(xs) for _, batches, xs, _ in self.grids)
 
     def sweep(self, bar=None) -> None:
+        self.sweep_starts.append({key: len(times) for key, times in self.samples.items()})
         for kind, batches, xs, fn in self.grids:
             for j, x in enumerate(xs):
                 for i, b in enumerate(batches):
@@ -416,6 +418,18 @@ class GridSamples:
         if not earlier:
             return self.bench.spec.warmup
         return 0 if statistics.median(earlier) > self.bench.spec.max_point_s else min(1, self.bench.spec.warmup)
+
+    def sweep_levels(self) -> list[float]:
+        """How fast the device ran each sweep against the pool: the median over grid points of the
+        sweep's median time over the pooled median (1.1: that sweep ran 10% slower). Their spread
+        is the device's drift across the sweeps, which the pooled profile averages over."""
+        ends = self.sweep_starts[1:] + [{key: len(times) for key, times in self.samples.items()}]
+        levels = []
+        for start, end in zip(self.sweep_starts, ends):
+            levels.append(statistics.median(
+                statistics.median(times[start.get(key, 0):end[key]]) / statistics.median(times)
+                for key, times in self.samples.items() if end.get(key, 0) > start.get(key, 0)))
+        return levels
 
     def run_flood(self) -> None:
         from profiler.live_engine import LiveEngine, calibration_flood

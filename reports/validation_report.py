@@ -30,8 +30,9 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
                          "-" if r["noise"] is None else f"{r['noise']:.1%}", fmt(at_speed["sim"]),
                          pct(at_speed["error"])])
     runs = lambda case: ", ".join(f"{v:.3f}" for v in case["device_speed_per_run"])  # noqa: E731
+    sweeps = lambda case: ", ".join(f"{v:.3f}" for v in case["sweep_levels"])  # noqa: E731
     device = [[case["load"], f"{case['offered_rps']:.2f} req/s ({case['realized_load']:.0%})",
-               f"{case['device_speed']:.3f} ({runs(case)})",
+               f"{case['device_speed']:.3f} ({runs(case)})", sweeps(case),
                f"{case['engine_overhead_s']['profile'] * 1000:.2f} ms",
                ", ".join(f"{v * 1000:.2f} ms" for v in case["engine_overhead_s"]["live"])]
               for case in result["cases"]]
@@ -47,6 +48,7 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
                 "<h2>The device during the live runs</h2>",
                 table(["load", "offered (load met: of the saturation the sweeps around the runs price)",
                        "forward time, live / profile (each run)",
+                       "each sweep the profile pools, over the pool (the device's drift)",
                        "engine overhead priced (mean over the runs' steps)",
                        "engine overhead in the live runs (mean)"], device),
                 "<p>The same forward time by kind of pass: the device's drift moves every kind alike, a grid that "

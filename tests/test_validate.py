@@ -30,6 +30,8 @@ def test_small_cpu_validation_is_within_an_honest_bound(validation_run):
     assert 0.5 < case["device_speed"] < 2  # the live runs' forward passes, over the profile's price for them
     (low, high) = sorted(case["device_speed_per_run"])  # the same, run by run: the pooled figure lies between
     assert low <= case["device_speed"] <= high
+    # Each sweep the profile pools (before, between and after the runs), against the pool.
+    assert len(case["sweep_levels"]) == 3 and all(0.5 < v < 2 for v in case["sweep_levels"])
     # And kind of pass by kind of pass: every step in one group, the groups adding up to the whole.
     groups = case["device_speed_by_pass"]
     assert {g["pass"] for g in groups} == {"prefill", "decode"}
