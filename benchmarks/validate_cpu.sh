@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU validation matrix behind the README's table: steady and bursty arrivals, dynamic and
-# continuous batching, at 30%, 60% and 90% of saturation, 120 requests, two live runs each (about 17 minutes).
+# continuous batching, at 30%, 60% and 90% of saturation, 120 requests, two live runs each (14-17 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/validation}

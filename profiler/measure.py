@@ -381,8 +381,12 @@ class GridSamples:
     def points(self) -> int:
         return sum(len(batches) * len(xs) for _, batches, xs, _ in self.grids)
 
+    def counts(self) -> dict[tuple, int]:
+        """Each point's number of samples so far."""
+        return {key: len(times) for key, times in self.samples.items()}
+
     def sweep(self, bar=None) -> None:
-        self.sweep_starts.append({key: len(times) for key, times in self.samples.items()})
+        self.sweep_starts.append(self.counts())
         for kind, batches, xs, fn in self.grids:
             for j, x in enumerate(xs):
                 for i, b in enumerate(batches):
@@ -423,7 +427,7 @@ class GridSamples:
         """How fast the device ran each sweep against the pool: the median over grid points of the
         sweep's median time over the pooled median (1.1: that sweep ran 10% slower). Their spread
         is the device's drift across the sweeps, which the pooled profile averages over."""
-        ends = self.sweep_starts[1:] + [{key: len(times) for key, times in self.samples.items()}]
+        ends = self.sweep_starts[1:] + [self.counts()]
         levels = []
         for start, end in zip(self.sweep_starts, ends):
             levels.append(statistics.median(
