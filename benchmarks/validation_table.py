@@ -12,9 +12,10 @@ each sweep the profile pools (before, between and after the live runs), over the
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
+
+from calibration.validate import summary
 
 KEYS = [("ttft_s.p50", "TTFT p50"), ("ttft_s.p90", "TTFT p90"), ("e2e_s.p50", "E2E p50"), ("e2e_s.p90", "E2E p90"),
         ("tpot_s.p50", "TPOT p50"), ("throughput_rps", "throughput")]
@@ -42,11 +43,7 @@ def main() -> None:
                   + f" | {noise:.0%} | {case['device_speed']:.2f} ({runs}) | {sweeps}"
                   + f" | {overhead['profile'] * 1000:.2f} · {live} |")
     print()
-    for label, which in (("prediction", "comparison"), ("at run speed", "comparison_at_run_speed")):
-        errors = [abs(case[which][k]["error"]) for result in results for case in result["cases"] for k, _ in KEYS[:4]]
-        within = sum(e <= 0.10 for e in errors)
-        print(f"{label}: TTFT/E2E p50/p90 within 10%: {within} of {len(errors)}; "
-              f"median |error| {statistics.median(errors):.0%}, max {max(errors):.0%}")
+    print("\n".join(summary([case for result in results for case in result["cases"]])))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -22,6 +23,7 @@ from sim.errors import InputError
 
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 QUANTILES = (50, 90, 99)
+TARGETED = ("ttft_s.p50", "ttft_s.p90", "e2e_s.p50", "e2e_s.p90")  # the figures the 10% target covers
 
 EPILOG = """
 examples:
@@ -316,6 +318,16 @@ def main(argv=None) -> int:
     return run_command(run)
 
 
+def summary(cases: list[dict]) -> list[str]:
+    """How many targeted figures the prediction, and the same at run speed, put within 10%."""
+    lines = []
+    for label, which in (("prediction", "comparison"), ("at run speed", "comparison_at_run_speed")):
+        errors = [abs(case[which][key]["error"]) for case in cases for key in TARGETED]
+        lines.append(f"{label}: TTFT/E2E p50/p90 within 10%: {sum(e <= 0.10 for e in errors)} of {len(errors)}; "
+                     f"median |error| {statistics.median(errors):.0%}, max {max(errors):.0%}")
+    return lines
+
+
 def table(result: dict) -> str:
     lines = [f"validation: {result['scenario']} ({result['policy']} batching, {result['profile']} / "
              f"{result['mode']}, {result['device']})", "",
@@ -344,7 +356,8 @@ def table(result: dict) -> str:
                      + ", ".join(f"{v * 1000:.2f}" for v in overhead["live"]) + " ms live")
         lines.append(f"{case['load']:<9}by pass, live / priced (steps): " + ", ".join(
             f"{g['pass']} {g['rows']} {g['speed']:.2f} ({g['steps']})" for g in case["device_speed_by_pass"]))
-    lines += ["", "sim: priced by the profile swept before, between and after the live runs (the prediction).",
+    lines += ["", *summary(result["cases"]),
+              "", "sim: priced by the profile swept before, between and after the live runs (the prediction).",
               "sim at run speed: the same, with forward times scaled by how fast the device ran the live runs,",
               "which takes the device's drift out and leaves the simulator's own error."]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from calibration.validate import summary
 from reports.html import figure, page, table
 
 METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))
@@ -45,6 +46,7 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
                 "the live runs, which takes the device's drift out and leaves the simulator's own error.</p>",
                 table(["load", "metric", "live (mean of runs)", "simulated", "error", "live run-to-run",
                        "simulated at run speed", "error"], rows),
+                "<p>" + "<br>".join(summary(result["cases"])) + "</p>",
                 "<h2>The device during the live runs</h2>",
                 table(["load", "offered (load met: of the saturation the sweeps around the runs price)",
                        "forward time, live / profile (each run)",

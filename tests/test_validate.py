@@ -78,3 +78,15 @@ def test_live_engine_runs_every_policy_and_forces_output_lengths():
         assert np.isfinite(out.finished_at).all()
         assert (out.first_token_at >= out.scheduled_at).all() and (out.finished_at >= out.first_token_at).all()
         assert engine.batch is None  # every row left the cache
+
+
+def test_summary_counts_the_targeted_figures_within_ten_percent():
+    from calibration.validate import TARGETED, summary
+
+    def case(errors):  # one error for every targeted figure, the rest ignored
+        figures = {key: {"error": e} for key, e in zip(TARGETED, errors)} | {"tpot_s.p50": {"error": 0.9}}
+        return {"comparison": figures, "comparison_at_run_speed": {k: {"error": 0.0} for k in figures}}
+
+    prediction, at_speed = summary([case([0.05, -0.10, 0.101, -0.3]), case([0.0, 0.02, -0.04, 0.5])])
+    assert prediction == "prediction: TTFT/E2E p50/p90 within 10%: 5 of 8; median |error| 8%, max 50%"
+    assert at_speed == "at run speed: TTFT/E2E p50/p90 within 10%: 8 of 8; median |error| 0%, max 0%"
