@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from scipy.optimize import nnls
@@ -258,22 +259,7 @@ class CostModel:
 
     def decode_run_cut(self, seqs: int, context_sum: float, repeat: int, run_s: float,
                        elapsed: float) -> tuple[int, float]:
-        """A run of `repeat` decode steps taking `run_s` seconds, cut short `elapsed` seconds after
-        it began, still finishes the step in progress: how many steps it runs, and their seconds.
-
-        Step times change slowly along a run, so an estimate from the mean step time is off by a
-        step or two; closed-form sums then settle it exactly, usually in two."""
-        def run(n: int) -> float:
-            return self.decode_run(seqs, context_sum, n)
-
-        n = min(int(elapsed / (run_s / repeat)) + 1, repeat)  # the first step to end after `elapsed`
-        t = run(n)
-        while n > 1 and (shorter := run(n - 1)) > elapsed:
-            n, t = n - 1, shorter
-        while n < repeat and t <= elapsed:
-            n += 1
-            t = run(n)
-        return n, t
+        return cut_run(lambda n: self.decode_run(seqs, context_sum, n), repeat, run_s, elapsed)
 
     def _grid_time(self, prefill_seqs: int, prefill_len: float, decode_seqs: int, decode_context: float) -> float:
         """Seconds of a forward pass as the grid's back-to-back passes ran it."""
@@ -298,6 +284,23 @@ class CostModel:
     def step_time(self, step) -> float:
         """Seconds of one Step: the forward pass and the engine's time around it."""
         return self.forward_time(step) + self.overhead_time(step)
+
+
+def cut_run(run: Callable[[int], float], repeat: int, run_s: float, elapsed: float) -> tuple[int, float]:
+    """A run of `repeat` decode steps taking `run_s` seconds (`run(n)`: the seconds of its first
+    n), cut short `elapsed` seconds after it began, still finishes the step in progress: how many
+    steps it runs, and their seconds.
+
+    Step times change slowly along a run, so an estimate from the mean step time is off by a
+    step or two; closed-form sums then settle it exactly, usually in two."""
+    n = min(int(elapsed / (run_s / repeat)) + 1, repeat)  # the first step to end after `elapsed`
+    t = run(n)
+    while n > 1 and (shorter := run(n - 1)) > elapsed:
+        n, t = n - 1, shorter
+    while n < repeat and t <= elapsed:
+        n += 1
+        t = run(n)
+    return n, t
 
 
 def held_out_error(grid: Grid, quadratic: bool) -> HeldOut:

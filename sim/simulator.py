@@ -200,12 +200,13 @@ class Replica:
 
 class Simulation:
     def __init__(self, scenario: Scenario, profile: Profile, trace: Trace, jump: bool = True,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None, cost=None):
         self.scenario, self.profile, self.trace, self.jump = scenario, profile, trace, jump
         self.progress = progress  # called with the number of requests done, every 1% or so
         dep = scenario.deployment
         mode = profile.mode(dep.mode, f"{scenario.path}: deployment.mode")
-        self.cost = CostModel.of(profile, mode)
+        # Another engine's steps are priced by a model of its own (calibration.paged_steps).
+        self.cost = cost or CostModel.of(profile, mode)
         self.slowdown = self.cost.slowdown(dep.workers_per_gpu)
         self.kv_capacity = kv_capacity_per_worker(scenario, profile)
         self.env = simpy.Environment()
@@ -389,13 +390,13 @@ class Simulation:
 
 
 def simulate(scenario: Scenario, profile: Profile, trace: Trace, jump: bool = True,
-             progress: Callable[[int], None] | None = None) -> Run:
-    return Simulation(scenario, profile, trace, jump, progress).run()
+             progress: Callable[[int], None] | None = None, cost=None) -> Run:
+    return Simulation(scenario, profile, trace, jump, progress, cost).run()
 
 
-def saturation_rps(scenario: Scenario, profile: Profile, trace: Trace) -> float:
+def saturation_rps(scenario: Scenario, profile: Profile, trace: Trace, cost=None) -> float:
     """Served requests per second when the trace's requests all queue at once: the most the
     deployment can serve of this request mix."""
     flood = Trace(np.zeros(len(trace)), trace.prompt_tokens, trace.output_tokens)
-    finished = simulate(scenario, profile, flood).outcome.finished_at
+    finished = simulate(scenario, profile, flood, cost=cost).outcome.finished_at
     return float(np.isfinite(finished).sum() / np.nanmax(finished))
