@@ -1,6 +1,7 @@
 """Predict the latencies of transformers' own continuous-batching engine, then run it and compare.
 
     python benchmarks/validate_hf_engine.py [scenarios/validation/steady.yaml] [--out folder]
+        [--set deployment.profile=cpu-llama-tiny]     (the profile names the model; default gpt2-tiny)
 
 An engine nobody here wrote (profiler/hf_engine.py). The simulator is told its batching limits
 (FIFO, decodes first, a token budget filled with prompt chunks, a request limit: servesim's
@@ -68,6 +69,7 @@ def main() -> int:
     p.add_argument("scenario", type=Path, nargs="?", default=Path("scenarios/validation/steady.yaml"))
     p.add_argument("--requests", type=int, default=120)
     p.add_argument("--out", type=Path, default=Path("results/validate-hf-engine"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario value")
     args = p.parse_args()
 
     import torch
@@ -78,7 +80,7 @@ def main() -> int:
     torch.set_num_threads(1)
     reuse_cpu_memory()
     config = EngineConfig()
-    scenario = scenario_mod.load(args.scenario)
+    scenario = scenario_mod.load(args.scenario, args.set)
     scenario = engine_scenario(replace(scenario, workload=replace(scenario.workload, num_requests=args.requests)),
                                config)
     profile = load_profile(scenario.deployment.profile)  # names the model; its grid prices nothing here
