@@ -68,9 +68,9 @@ class HFEngine:
         forward = model.forward
 
         def timed_forward(*args, **kwargs):
-            q = int(kwargs["cu_seq_lens_q"].numel() - 1)
+            rows = int(kwargs["cu_seq_lens_q"].numel() - 1)  # one ragged sequence per request
             kv = int(next(iter(kwargs["cu_seq_lens_k"].values()))[-1])
-            self._shapes.append((int(kwargs["input_ids"].shape[1]), kv, q))
+            self._shapes.append((int(kwargs["input_ids"].shape[1]), kv, rows))
             return forward(*args, **kwargs)
 
         model.forward = timed_forward
