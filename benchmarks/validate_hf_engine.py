@@ -28,9 +28,11 @@ import numpy as np
 
 from calibration.paged_steps import PagedStepModel
 from calibration.profile import load as load_profile
-from calibration.validate import TARGETED, compare, percentiles, summary
+from calibration.validate import TARGETED, check_one_engine, compare, percentiles, summary
 from profiler.hf_engine import EngineConfig, EngineSteps, HFEngine
 from sim import scenario as scenario_mod, workload
+from sim.cli_util import run_command
+from sim.errors import InputError
 from sim.files import atomic_folder
 from sim.results import requests_frame
 from sim.simulator import saturation_rps, simulate
@@ -71,16 +73,22 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("results/validate-hf-engine"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario value")
     args = p.parse_args()
+    return run_command(lambda: validate(args))
 
+
+def validate(args) -> int:
     import torch
 
     from profiler.live_engine import build_for_profile
     from profiler.measure import reuse_cpu_memory
 
+    if args.requests < 1:
+        raise InputError("--requests: must be at least 1")
     torch.set_num_threads(1)
     reuse_cpu_memory()
     config = EngineConfig()
     scenario = scenario_mod.load(args.scenario, args.set)
+    check_one_engine(scenario)
     scenario = engine_scenario(replace(scenario, workload=replace(scenario.workload, num_requests=args.requests)),
                                config)
     profile = load_profile(scenario.deployment.profile)  # names the model; its grid prices nothing here

@@ -8,15 +8,16 @@ a step of Q computed tokens, KV attended tokens and R requests costs
     t = step + token * Q + kv * KV + pair * Q * KV + row * R
 
 (the fixed cost of a pass and of the engine loop, the linear layers, gathering the cache,
-attention, and per-request work: scheduling, preparing inputs, sampling). The padded grid of a profile cannot price it:
-the kernels differ. Non-negative least squares on relative error fits the four seconds to the
-engine's own steps, here a flood timed before the runs it predicts; the simulator then prices
-its scheduler's Steps by it, in place of a profile's cost model.
+attention, and per-request work: scheduling, preparing inputs, sampling). The padded grid of a
+profile cannot price it: the kernels differ. Non-negative least squares on relative error fits
+the five coefficients to the engine's own steps, timed before the runs it predicts
+(benchmarks/validate_hf_engine.py); the simulator then prices its scheduler's Steps by it, in
+place of a profile's cost model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 from scipy.optimize import nnls
@@ -48,7 +49,7 @@ class PagedStepModel:
         return cls(*(float(c) for c in coef / scale))
 
     def scaled(self, factor: float) -> PagedStepModel:
-        return PagedStepModel(*(factor * c for c in (self.step_s, self.token_s, self.kv_s, self.pair_s, self.row_s)))
+        return PagedStepModel(*(factor * c for c in astuple(self)))
 
     def time(self, q, kv, rows):
         return self.step_s + self.token_s * q + self.kv_s * kv + self.pair_s * q * kv + self.row_s * rows

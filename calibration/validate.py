@@ -38,15 +38,27 @@ report.html (CDF overlays, per-request scatter).
 """
 
 
-def check_scenario(scenario, profile, device_type: str):
-    """What the live engine can run: one worker, KV-cache mode, no autoscaler or caches."""
-    where = scenario.path
+def check_one_engine(scenario) -> None:
+    """What one live engine can be compared with: one worker on one device, no autoscaler or caches."""
     dep = scenario.deployment
     problems = [
         (dep.replicas != 1, "deployment.replicas", "validate runs one replica on one device: set it to 1"),
         (dep.workers_per_gpu != 1, "deployment.workers_per_gpu", "validate runs one worker: set it to 1"),
         (scenario.autoscaler is not None, "autoscaler", "validate runs a fixed deployment: remove it"),
-        (scenario.response_cache is not None, "response_cache", "the live engine has no response cache"),
+        (scenario.response_cache is not None, "response_cache", "a live engine has no response cache"),
+    ]
+    for bad, key, why in problems:
+        if bad:
+            raise InputError(f"{scenario.path}: {key}: {why}")
+
+
+def check_scenario(scenario, profile, device_type: str):
+    """What servesim's live engine can run: one engine (check_one_engine), a KV-cache mode, no
+    chunked prefill or prefix cache."""
+    check_one_engine(scenario)
+    where = scenario.path
+    dep = scenario.deployment
+    problems = [
         (dep.batching.chunked_prefill, "deployment.batching.chunked_prefill", "the live engine has no chunked prefill"),
         (dep.batching.prefix_caching, "deployment.batching.prefix_caching", "the live engine has no prefix cache"),
         (profile.device_type != device_type, "deployment.profile",

@@ -206,7 +206,7 @@ class Simulation:
         dep = scenario.deployment
         mode = profile.mode(dep.mode, f"{scenario.path}: deployment.mode")
         # Another engine's steps are priced by a model of its own (calibration.paged_steps).
-        self.cost = cost or CostModel.of(profile, mode)
+        self.cost = cost if cost is not None else CostModel.of(profile, mode)
         self.slowdown = self.cost.slowdown(dep.workers_per_gpu)
         self.kv_capacity = kv_capacity_per_worker(scenario, profile)
         self.env = simpy.Environment()
