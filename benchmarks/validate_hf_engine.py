@@ -28,7 +28,7 @@ import numpy as np
 
 from calibration.paged_steps import PagedStepModel
 from calibration.profile import load as load_profile
-from calibration.validate import TARGETED, check_one_engine, compare, percentiles, summary
+from calibration.validate import LABELS, check_one_engine, compare, percentiles, summary
 from profiler.hf_engine import EngineConfig, EngineSteps, HFEngine
 from sim import scenario as scenario_mod, workload
 from sim.cli_util import run_command
@@ -141,9 +141,9 @@ def validate(args) -> int:
 
 
 def table(result: dict) -> str:
-    keys = [*TARGETED, "tpot_s.p50", "throughput_rps"]
-    lines = ["| load | " + " | ".join(keys)
-             + " | live run-to-run (max) | device speed | step error: calibration · live |",
+    keys = list(LABELS)
+    lines = ["| load | " + " | ".join(LABELS.values())
+             + " | live run-to-run (max) | device speed, live / step model | step error: calibration · live runs |",
              "|---|" + "---|" * (len(keys) + 3)]
     for case in result["cases"]:
         cmp, fixed = case["comparison"], case["comparison_at_run_speed"]

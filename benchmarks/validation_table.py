@@ -15,10 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from calibration.validate import summary
+from calibration.validate import LABELS, summary
 
-KEYS = [("ttft_s.p50", "TTFT p50"), ("ttft_s.p90", "TTFT p90"), ("e2e_s.p50", "E2E p50"), ("e2e_s.p90", "E2E p90"),
-        ("tpot_s.p50", "TPOT p50"), ("throughput_rps", "throughput")]
+KEYS = list(LABELS.items())
 
 
 def main() -> None:

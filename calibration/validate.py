@@ -24,6 +24,9 @@ from sim.errors import InputError
 METRICS = ("ttft_s", "tpot_s", "e2e_s")
 QUANTILES = (50, 90, 99)
 TARGETED = ("ttft_s.p50", "ttft_s.p90", "e2e_s.p50", "e2e_s.p90")  # the figures the 10% target covers
+# The figures a validation table shows, and their column labels.
+LABELS = {"ttft_s.p50": "TTFT p50", "ttft_s.p90": "TTFT p90", "e2e_s.p50": "E2E p50", "e2e_s.p90": "E2E p90",
+          "tpot_s.p50": "TPOT p50", "throughput_rps": "throughput"}
 
 EPILOG = """
 examples:
