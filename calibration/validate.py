@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from profiler.cli import add_threads_argument
 from sim.cli_util import run_command
 from sim.errors import InputError
 
@@ -185,9 +186,7 @@ def parse_args(argv):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario value, e.g. --set deployment.replicas=4 "
                         "--set 'deployment.batching={policy: dynamic, max_batch_size: 16}'")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch (default 1: on a small machine, a second thread stalls every "
-                        "pass whenever another process takes its core)")
+    add_threads_argument(p)
     p.add_argument("--out", type=Path, help="output folder (default: results/validate-<scenario>)")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)

@@ -48,11 +48,25 @@ def parse_args(argv):
     p.add_argument("--model", default="gpt2-tiny", help="a known model name or a local checkpoint folder")
     p.add_argument("--modes", help=f"comma-separated modes (default: {DEFAULT_MODES['cpu']} on CPU, "
                                    f"{DEFAULT_MODES['cuda']} on CUDA)")
+    add_threads_argument(p)
     p.add_argument("--quick", action="store_true", help="a small grid, for tests and smoke checks")
     p.add_argument("--out", type=Path, help="profile file (default: calibration/profiles/<device>-<model>.json)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report beside the profile")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    """`--threads`, shared by `profile` and `validate`: a profile prices the engine at the thread
+    count it was measured with, so both commands default to the same one."""
+    def count(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"expected a whole number of threads, at least 1, got {text!r}")
+        return int(text)
+
+    p.add_argument("--threads", type=count, default=1,
+                   help="CPU threads for torch (default 1: on a small machine, a second thread stalls every "
+                        "pass whenever another process takes its core)")
 
 
 def slug(text: str) -> str:
@@ -173,6 +187,7 @@ def main(argv=None) -> int:
         from profiler.models import build
 
         device = pick_device(args)
+        torch.set_num_threads(args.threads)
         if device.type == "cpu":
             reuse_cpu_memory()
         modes = modes or [ModeSpec.parse(m) for m in DEFAULT_MODES[device.type].split(",")]

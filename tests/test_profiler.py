@@ -54,6 +54,7 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     assert priced == pytest.approx(flood.overhead_s.sum(), rel=0.1)
     raw = json.loads(out.read_text())
     assert raw["device"]["type"] == "cpu" and raw["device"]["copy_bytes_per_s"] > 0
+    assert raw["device"]["threads"] == 1  # the thread count `validate` runs its live engine with
     assert (tmp_path / "cpu-tiny.html").stat().st_size > 100_000  # the Plotly report beside it
 
 
