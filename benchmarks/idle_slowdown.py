@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from profiler.measure import GRIDS, Bench, ModeSpec, reuse_cpu_memory
+from profiler.measure import GRIDS, Bench, ModeSpec, serving_regime
 from profiler.models import build, lookup
 from sim.cli_util import run_command
 from sim.errors import InputError
@@ -42,9 +42,8 @@ def main() -> None:
     for name in ("batch", "context", "rounds"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name}: must be at least 1")
-    torch.set_num_threads(1)
-    reuse_cpu_memory()
     device = torch.device("cpu")
+    serving_regime(device, threads=1)
     model = build(lookup(args.model), torch.float32, device)
     bench = Bench(model, device, ModeSpec.parse("fp32"), GRIDS["cpu"])
     cache, ids = bench.synthetic_cache(args.batch, args.context), bench._ids(args.batch, 1)

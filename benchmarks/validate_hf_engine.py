@@ -80,12 +80,11 @@ def validate(args) -> int:
     import torch
 
     from profiler.live_engine import build_for_profile
-    from profiler.measure import reuse_cpu_memory
+    from profiler.measure import serving_regime
 
     if args.requests < 1:
         raise InputError("--requests: must be at least 1")
-    torch.set_num_threads(1)
-    reuse_cpu_memory()
+    serving_regime(torch.device("cpu"), threads=1)
     config = EngineConfig()
     scenario = scenario_mod.load(args.scenario, args.set)
     check_one_engine(scenario)

@@ -12,13 +12,14 @@ import argparse
 import json
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from profiler.cli import add_threads_argument
+from profiler.cli import add_threads_argument, device_info, pick_device, profile_record
 from sim.cli_util import run_command
 from sim.errors import InputError
 
@@ -28,6 +29,14 @@ TARGETED = ("ttft_s.p50", "ttft_s.p90", "e2e_s.p50", "e2e_s.p90")  # the figures
 # The figures a validation table shows, and their column labels.
 LABELS = {"ttft_s.p50": "TTFT p50", "ttft_s.p90": "TTFT p90", "e2e_s.p50": "E2E p50", "e2e_s.p90": "E2E p90",
           "tpot_s.p50": "TPOT p50", "throughput_rps": "throughput"}
+# What each simulation of a case is, for the printed table and the HTML report.
+MEANINGS = (
+    ("simulated", "priced by the profile swept before, between and after the live runs (the prediction)."),
+    ("at run speed", "the same, with forward times scaled by how fast the device ran the live runs, which takes "
+                     "the device's drift out and leaves the simulator's own error."),
+    ("scenario's profile", "the same simulation priced by the profile the scenario names, as it was measured, "
+                           "not swept around the runs: how well a profile taken earlier predicts today's device."),
+)
 
 EPILOG = """
 examples:
@@ -215,17 +224,13 @@ def main(argv=None) -> int:
         if args.requests:
             scenario = replace(scenario, workload=replace(scenario.workload, num_requests=args.requests))
         profile = load_profile(scenario.deployment.profile)
-        from profiler.cli import pick_device
-
         device = pick_device(argparse.Namespace(gpu=args.gpu, device=args.device))
         scenario = check_scenario(scenario, profile, device.type)
         import torch
 
-        torch.set_num_threads(args.threads)
-        if device.type == "cpu":
-            from profiler.measure import reuse_cpu_memory
+        from profiler.measure import serving_regime
 
-            reuse_cpu_memory()  # the same allocator regime as `profile` measured in
+        serving_regime(device, args.threads)  # the regime `profile` measured in
 
         from profiler.live_engine import LiveEngine, build_for_profile, run_live
 
@@ -242,7 +247,6 @@ def main(argv=None) -> int:
         # and after its live runs: the profile and the live runs see the same device. The shipped
         # profile's prediction is kept beside it in validation.json.
         from calibration.profile import parse as parse_profile
-        from profiler.cli import device_info, profile_record
         from profiler.measure import Bench, GridSamples, ModeSpec, device_peaks, mode_record
 
         mode_spec = ModeSpec.parse(scenario.deployment.mode)
@@ -374,12 +378,8 @@ def table(result: dict) -> str:
                      + ", ".join(f"{v * 1000:.2f}" for v in overhead["live"]) + " ms live")
         lines.append(f"{case['load']:<9}by pass, live / priced (steps): " + ", ".join(
             f"{g['pass']} {g['rows']} {g['speed']:.2f} ({g['steps']})" for g in case["device_speed_by_pass"]))
-    lines += ["", *summary(result["cases"]),
-              "", "sim: priced by the profile swept before, between and after the live runs (the prediction).",
-              "sim at run speed: the same, with forward times scaled by how fast the device ran the live runs,",
-              "which takes the device's drift out and leaves the simulator's own error.",
-              "scenario's profile: the same simulation priced by the profile the scenario names, as it was",
-              "measured, not swept around the runs: how well a profile taken earlier predicts today's device."]
+    lines += ["", *summary(result["cases"]), "",
+              *(textwrap.fill(f"{name}: {meaning}", 100) for name, meaning in MEANINGS)]
     return "\n".join(lines)
 
 

@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
-        from profiler.measure import DTYPES, GRIDS, ModeSpec, reuse_cpu_memory
+        from profiler.measure import DTYPES, GRIDS, ModeSpec, serving_regime
 
         try:
             modes = [ModeSpec.parse(m.strip()) for m in (args.modes or "").split(",") if m.strip()]
@@ -187,9 +187,7 @@ def main(argv=None) -> int:
         from profiler.models import build
 
         device = pick_device(args)
-        torch.set_num_threads(args.threads)
-        if device.type == "cpu":
-            reuse_cpu_memory()
+        serving_regime(device, args.threads)
         modes = modes or [ModeSpec.parse(m) for m in DEFAULT_MODES[device.type].split(",")]
         info = device_info(device)
         model_name = args.model if not isinstance(model_spec, Path) else model_spec.name

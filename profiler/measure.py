@@ -107,6 +107,15 @@ def reuse_cpu_memory() -> None:
         pass  # not glibc: nothing to tune
 
 
+def serving_regime(device: torch.device, threads: int) -> None:
+    """Put this process in the regime `profile` measures in and the live engines run in: torch's
+    thread count (a profile prices the engine at the count it was measured with) and, on a CPU,
+    an allocator that keeps freed buffers (reuse_cpu_memory)."""
+    torch.set_num_threads(threads)
+    if device.type == "cpu":
+        reuse_cpu_memory()
+
+
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 

@@ -8,7 +8,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from calibration.validate import summary
+from calibration.validate import MEANINGS, summary
 from reports.html import figure, page, table
 
 METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))
@@ -41,9 +41,7 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
                 f"{g['live_ms']:.2f} ms", f"{g['priced_ms']:.2f} ms", f"{g['speed']:.3f}"]
                for case in result["cases"] for g in case["device_speed_by_pass"]]
     sections = ["<h2>Live vs simulated</h2>",
-                "<p><b>simulated</b>: priced by the profile swept before, between and after the live runs (the "
-                "prediction). <b>at run speed</b>: the same with forward times scaled by how fast the device ran "
-                "the live runs, which takes the device's drift out and leaves the simulator's own error.</p>",
+                "<p>" + " ".join(f"<b>{name}</b>: {meaning}" for name, meaning in MEANINGS) + "</p>",
                 table(["load", "metric", "live (mean of runs)", "simulated", "error", "live run-to-run",
                        "simulated at run speed", "error"], rows),
                 "<p>" + "<br>".join(summary(result["cases"])) + "</p>",
