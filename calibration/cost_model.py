@@ -64,8 +64,17 @@ class Surface:
             coef = np.array([float(np.median(t)), 0.0, 0.0, 0.0])
         self.coef = coef
         self.c0, self.c1, self.c2, self.c3 = (float(c) for c in coef)
-        # Points that could not be measured (out of memory) take the regression's value.
-        self.table = np.where(measured, grid.seconds, self.regression(bb, xx))
+        # A point not measured (over the profile's token cap, or out of memory: a column's largest
+        # batches) carries its column's largest measured batch along the regression, as a batch
+        # past the grid does; a column with nothing measured takes the regression's value.
+        table = self.regression(bb, xx)
+        for j in range(len(grid.x)):
+            rows = np.flatnonzero(measured[:, j])
+            if len(rows):
+                k = rows[-1]
+                table[:, j] = np.where(measured[:, j], grid.seconds[:, j],
+                                       grid.seconds[k, j] * table[:, j] / table[k, j])
+        self.table = table
         self.knots = [float(v) for v in grid.x]
         self._rows: dict[int, list[float]] = {}
         self._pieces: dict[int, list[tuple[float, float, float, float, float]]] = {}

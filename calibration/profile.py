@@ -3,8 +3,8 @@
 A profile is JSON. Each *mode* (e.g. `fp32-nocache`, `bf16`, `bf16-compiled`) holds two timing
 grids — prefill over batch x prompt length, decode over batch x context — plus memory figures
 what the first pass after an idle gap costs extra, and (with a KV cache) the steps of calibration
-floods through the live engine, so a scenario can pick the mode it deploys. Missing grid points
-(out of memory) are null.
+floods through the live engine, so a scenario can pick the mode it deploys. Grid points not measured
+(out of memory, or over the grid's `max_prefill_tokens`) are null.
 Beside the modes: the device's copy rate and the model's load time. The serving engine's own
 cost per step outside the model is fitted from the floods (calibration.cost_model.EngineOverhead).
 """

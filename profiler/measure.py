@@ -37,6 +37,10 @@ class GridSpec:
     repeats: int = 7
     max_point_s: float = 1.5  # stop repeating a slow point after this long (each sweep times it once at least)
     passes: int = 3  # sweeps over the whole grid: a burst of device noise hits one pass, not every sample
+    # The longest prefill pass timed (batch x length); longer points are left null, priced by the
+    # cost model from the column's largest timed batch. Long prompts cost a CPU seconds a pass, and
+    # a scheduler under a token budget never forms the batches past it anyway.
+    max_prefill_tokens: int | None = None
     concurrency_workers: tuple[int, ...] = (1, 2, 4, 8)
     wake_gaps_s: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1)  # idle gaps before a pass (wake_penalty)
     wake_rounds: int = 20
@@ -57,8 +61,8 @@ def decode_batches(limit: int) -> tuple[int, ...]:
 
 
 GRIDS = {
-    "cpu": GridSpec((1, 2, 4, 8), (16, 64, 256, 1024), decode_batches(32), (64, 256, 1024, 4096),
-                    repeats=3, max_point_s=0.5),
+    "cpu": GridSpec((1, 2, 4, 8), (16, 64, 256, 1024, 2048, 4096), decode_batches(32), (64, 256, 1024, 4096),
+                    repeats=3, max_point_s=0.5, max_prefill_tokens=8192),
     "cpu-quick": GridSpec((1, 4), (16, 128), (1, 4), (64, 256), warmup=1, repeats=3, max_point_s=0.3,
                           passes=1, concurrency_workers=(1, 2), wake_rounds=5),
     "cuda": GridSpec((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048, 4096),
@@ -363,7 +367,8 @@ class GridSamples:
     Sweeping the grid several times, rather than repeating each point back to back, means a
     burst of device noise hits one sweep of a point instead of all its samples; and sweeps can
     be interleaved with other work (validate's live runs) to sample the device over that time.
-    A point that runs out of memory is null, and so are larger batches at the same length.
+    A point that runs out of memory is null, and so are larger batches at the same length; so are
+    prefill points over the spec's token cap.
     Without a KV cache a decode step recomputes the whole sequence: a decode step over c tokens
     is the prefill pass of c + 1, so that mode's decode grid is its prefill grid, not measured twice.
     In a KV-cache mode each column of the grid is followed by a small calibration flood through
@@ -382,7 +387,13 @@ class GridSamples:
             self.grids.append(("decode", spec.decode_batch, spec.decode_context, bench.decode))
         self.samples: dict[tuple, list[float]] = {}
         self.peaks: dict[tuple, int | None] = {}
-        self.oom: dict[tuple, int] = {}  # (kind, column) -> the smallest batch index that ran out
+        # (kind, column) -> the first batch index not timed: over the token cap, or out of memory
+        self.limit: dict[tuple, int] = {}
+        if spec.max_prefill_tokens is not None:
+            for j, x in enumerate(spec.prefill_length):
+                over = [i for i, b in enumerate(spec.prefill_batch) if b * x > spec.max_prefill_tokens]
+                if over:
+                    self.limit["prefill", j] = over[0]
         self.sweep_starts: list[dict[tuple, int]] = []  # each point's sample count as each sweep began
         # The calibration floods' steps, a list per column of the profile's `flood` section.
         self.flood: dict[str, list] = {key: [] for key in Flood.__dataclass_fields__} if bench.mode.kv_cache else {}
@@ -402,7 +413,7 @@ class GridSamples:
                     if bar is not None:
                         bar.set_postfix_str(f"{self.bench.mode.name} {kind} b={b} "
                                             f"{'ctx' if kind == 'decode' else 'len'}={x}")
-                    if i < self.oom.get((kind, j), len(batches)):
+                    if i < self.limit.get((kind, j), len(batches)):
                         try:
                             times, peak = fn(b, x, self.warmup(self.samples.get((kind, i, j))))
                             self.samples.setdefault((kind, i, j), []).extend(times)
@@ -411,7 +422,7 @@ class GridSamples:
                         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
                             if not is_oom(e):
                                 raise
-                            self.oom[kind, j] = i
+                            self.limit[kind, j] = i
                             if self.bench.cuda:
                                 torch.cuda.empty_cache()
                     if bar is not None:
@@ -461,7 +472,7 @@ class GridSamples:
             for i in range(len(batches)):
                 for j in range(len(xs)):
                     times = sorted(self.samples.get((kind, i, j), []))
-                    if i >= self.oom.get((kind, j), len(batches)) or not times:
+                    if i >= self.limit.get((kind, j), len(batches)) or not times:
                         continue
                     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else times * 9
                     values = (statistics.median(times), q[0], q[-1], self.peaks.get((kind, i, j)), len(times))

@@ -125,3 +125,29 @@ def test_grid_times_passes_as_the_live_engine_runs_them():
         assert sorted(shape[1] for shape, _, _ in calls) == list(range(12, 28))
         for shape, mask, _ in calls:
             assert mask is None if b == 1 else (mask.shape == shape and int((mask == 0).sum()) == 1)
+
+
+def test_prefill_points_over_the_token_cap_are_left_null_and_priced_from_their_column():
+    pytest.importorskip("torch")
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from calibration.cost_model import Surface
+    from calibration.profile import Grid
+    from profiler.measure import GRIDS, Bench, GridSamples, ModeSpec
+    from profiler.models import build, lookup
+
+    spec = dataclasses.replace(GRIDS["cpu-quick"], prefill_batch=(1, 2, 4), max_prefill_tokens=256)
+    model = build(lookup("llama-tiny"), torch.float32, torch.device("cpu"))
+    samples = GridSamples(Bench(model, torch.device("cpu"), ModeSpec.parse("fp32-nocache"), spec), spec)
+    samples.sweep()
+    prefill = samples.summary()["prefill"]
+    assert prefill["length"] == [16, 128]
+    timed = [[v is not None for v in row] for row in prefill["median_s"]]
+    assert timed == [[True, True], [True, True], [True, False]]  # 4 x 128 = 512 tokens > 256
+    grid = Grid(np.array(prefill["batch"], float), np.array(prefill["length"], float),
+                np.array([[np.nan if v is None else v for v in row] for row in prefill["median_s"]]))
+    surface = Surface(grid, quadratic=True)
+    assert surface.at(4, 128) > surface.at(2, 128) > 0

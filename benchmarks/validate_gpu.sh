@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# A model's GPU profile and live validations, made in one call on a lent GPU (the README's GPU
+# tables): profile the model on GPU 0, then validate it in MODE for each case at 30%, 60% and
+# 90% of saturation. Each validation gets the time left of SECONDS, so the whole run ends inside
+# the lease; one cut short writes nothing (validate writes its folder atomically).
+#   bash benchmarks/validate_gpu.sh SECONDS MODEL MODES MODE REQUESTS CASE...
+#   bash benchmarks/validate_gpu.sh 560 gpt2 fp32-nocache,fp32,fp16,bf16 bf16 120 steady-continuous steady-dynamic
+# CASE is <steady|bursty>-<continuous|dynamic>. Profiles go to calibration/profiles/<gpu>-<model>.json,
+# validations to results/gpu/<gpu>-<model>/<case>/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+budget=$1 model=$2 modes=$3 mode=$4 requests=$5
+shift 5
+py=${PYTHON:-python3}
+gpu=$($py -c "import torch; from profiler.cli import slug; print(slug(torch.cuda.get_device_name(0)))") || exit
+name=$gpu-$model
+$py -m profiler.cli --gpu 0 --model "$model" --modes "$modes" --out "calibration/profiles/$name.json" --quiet || exit
+dynamic='deployment.batching={policy: dynamic, max_batch_size: 16, max_wait_ms: 20}'
+for case in "$@"; do
+  arrivals=${case%-*} policy=${case#*-}
+  left=$((budget - SECONDS))
+  (( left > 30 )) || { echo "no time left for $case"; break; }
+  batching=()
+  [[ $policy == dynamic ]] && batching=(--set "$dynamic")
+  echo "validating $case ($left s left)"
+  timeout "$left" $py -m calibration.validate "scenarios/validation/$arrivals.yaml" --gpu 0 --loads 0.3,0.6,0.9 \
+    --requests "$requests" --set "deployment.profile=$name" --set "deployment.mode=$mode" "${batching[@]}" \
+    --out "results/gpu/$name/$case" --quiet || echo "$case did not finish"
+done
