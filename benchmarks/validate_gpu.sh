@@ -2,7 +2,7 @@
 # A model's GPU profile and live validations, made in one call on a lent GPU (the README's GPU
 # tables): profile the model on GPU 0, then validate it in MODE for each case at 30%, 60% and
 # 90% of saturation. Each validation gets the time left of SECONDS, so the whole run ends inside
-# the lease; one cut short writes nothing (validate writes its folder atomically).
+# the lease; one cut short keeps the loads it finished (validate writes its folder after each).
 #   bash benchmarks/validate_gpu.sh SECONDS MODEL MODES MODE REQUESTS CASE...
 #   bash benchmarks/validate_gpu.sh 560 gpt2 fp32-nocache,fp32,fp16,bf16 bf16 120 steady-continuous steady-dynamic
 # CASE is <steady|bursty>-<continuous|dynamic>. Profiles go to calibration/profiles/<gpu>-<model>.json,

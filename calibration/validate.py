@@ -270,6 +270,25 @@ def main(argv=None) -> int:
             return samples
 
         cases, frames, profiles = [], {}, {}
+        result = {
+            "scenario": scenario.name, "policy": scenario.deployment.batching.policy,
+            "profile": profile.name, "mode": scenario.deployment.mode, "device": str(device),
+            "torch": torch.__version__, "runs": args.runs,
+            "command": "validate " + " ".join(sys.argv[1:] if argv is None else argv), "cases": cases,
+        }
+        out = args.out or Path("results") / f"validate-{scenario.name}"
+        from reports.validation_report import write_validation_report
+
+        def save() -> None:
+            """The folder as of the loads done so far, replaced whole after each load: a run cut
+            short (a GPU lease's call limit, a lost terminal) keeps its finished loads."""
+            with atomic_folder(out) as tmp:
+                (tmp / "validation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+                for label, raw in profiles.items():
+                    name = "profile.json" if label == "as given" else f"profile-{label.rstrip('%')}.json"
+                    (tmp / name).write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+                write_validation_report(result, frames, tmp / "report.html")
+
         for load in loads:
             # A load is a fraction of the saturation as the device runs now: found from the sweep
             # just before this load's live runs. Found once for all loads from a sweep minutes
@@ -314,21 +333,8 @@ def main(argv=None) -> int:
                 case[key.replace("sim", "comparison")] = compare(live_stats, case[key])
             cases.append(case)
             frames[label] = (live_frames[0], sim_frames["sim"])
-        result = {
-            "scenario": scenario.name, "policy": scenario.deployment.batching.policy,
-            "profile": profile.name, "mode": scenario.deployment.mode, "device": str(device),
-            "torch": torch.__version__, "runs": args.runs,
-            "command": "validate " + " ".join(sys.argv[1:] if argv is None else argv), "cases": cases,
-        }
-        out = args.out or Path("results") / f"validate-{scenario.name}"
-        from reports.validation_report import write_validation_report
-
-        with atomic_folder(out) as tmp:
-            (tmp / "validation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-            for label, raw in profiles.items():
-                name = "profile.json" if label == "as given" else f"profile-{label.rstrip('%')}.json"
-                (tmp / name).write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-            write_validation_report(result, frames, tmp / "report.html")
+            save()
+            log(f"  wrote {out} ({len(cases)} of {len(loads)} loads)")
         print(table(result))
         print(f"\nwrote {out}/validation.json and {out}/report.html")
         return 0

@@ -94,3 +94,32 @@ def test_summary_counts_the_targeted_figures_within_ten_percent():
     shipped = {key: {"error": 0.2} for key in TARGETED}
     lines = summary([case([0.0] * 4) | {"comparison_shipped": shipped}])
     assert lines[2] == "scenario's profile: TTFT/E2E p50/p90 within 10%: 0 of 4; median |error| 20%, max 20%"
+
+
+def test_a_validation_cut_short_keeps_the_loads_it_finished(tmp_path, monkeypatch):
+    """A lent GPU's call limit ended two validations in their last load and kept nothing: each
+    finished load is written as it ends."""
+    pytest.importorskip("torch")
+    import profiler.live_engine
+    from calibration.validate import main
+    from conftest import ROOT
+
+    real, runs = profiler.live_engine.run_live, []
+
+    def run_live(engine, scheduler, trace):
+        if len(trace) == 6:  # a load's run (the sweeps' calibration floods run 8 requests)
+            runs.append(trace)
+            if len(runs) > 1:  # the second load's: the terminal closes
+                raise KeyboardInterrupt
+        return real(engine, scheduler, trace)
+
+    monkeypatch.setattr(profiler.live_engine, "run_live", run_live)
+    out = tmp_path / "out"
+    small = ["--set", "workload.prompt_tokens={kind: uniform, low: 8, high: 16}",  # a small grid to sweep
+             "--set", "deployment.batching={policy: continuous, max_num_seqs: 2, max_batched_tokens: 64}"]
+    code = main([str(ROOT / "scenarios/validation/steady.yaml"), "--requests", "6", "--loads", "0.5,0.9", "--runs", "1",
+                 *small, "--out", str(out), "--quiet"])
+    assert code == 130
+    result = json.loads((out / "validation.json").read_text())
+    assert [case["load"] for case in result["cases"]] == ["50%"]
+    assert (out / "profile-50.json").exists() and (out / "report.html").exists()
