@@ -212,7 +212,7 @@ def parse(data: Any, path: str) -> Profile:
             flood=_flood(flood) if (flood := m.section("flood")) is not None else None,
             raw=m.data,
         )
-        for key in ("compile_s", "max_batch", "peak_flops", "notes"):
+        for key in ("compile_s", "max_batch", "peak_flops", "notes", "passes_of"):
             m.raw(key, None)
         m.done()
     if not modes:

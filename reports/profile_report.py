@@ -88,8 +88,9 @@ def write_report(profile: Profile, path: Path) -> None:
     for mode in profile.modes.values():
         err = held_out_errors(mode)
         mb = mode.raw.get("max_batch") or {}
+        shared = mode.raw.get("passes_of")
         flood = (f"{CostModel(mode).serving_factor:.3f} ({len(mode.flood.forward_s)} steps)" if mode.flood
-                 else "none (no KV cache)")
+                 else "none (no KV cache" + (f"; its passes timed once, as {shared}'s)" if shared else ")"))
         modes_rows.append([
             mode.name, mode.dtype, "yes" if mode.kv_cache else "no", "yes" if mode.compiled else "no",
             f"{mode.weights_bytes / 2**20:,.1f} MiB", f"{mode.kv_bytes_per_token:,} B",

@@ -28,6 +28,8 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     # Without a cache a decode step over c tokens is the prefill of c + 1: one grid, not measured twice.
     assert (baseline.decode.x == baseline.prefill.x - 1).all()
     assert (baseline.decode.seconds == baseline.prefill.seconds).all()
+    # ... and its passes are the cached mode's with K and V dropped: timed once, for both.
+    assert baseline.raw["passes_of"] == "fp32" and (baseline.prefill.seconds == cached.prefill.seconds).all()
     assert (cached.decode.seconds > 0).all() and (cached.prefill.seconds > 0).all()
     assert profile.model_load_s > 0 and set(cached.concurrency) == {1, 2}
     # The wake penalty: one figure per idle gap, never shrinking as the gap grows.
