@@ -80,7 +80,7 @@ def validate(args) -> int:
     import torch
 
     from profiler.live_engine import build_for_profile
-    from profiler.measure import serving_regime
+    from profiler.measure import freeze_heap, serving_regime
 
     if args.requests < 1:
         raise InputError("--requests: must be at least 1")
@@ -92,6 +92,7 @@ def validate(args) -> int:
                                config)
     profile = load_profile(scenario.deployment.profile)  # names the model; its grid prices nothing here
     engine = HFEngine(build_for_profile(profile, scenario.deployment.mode, torch.device("cpu")), config)
+    freeze_heap()
     base = workload.generate(scenario.workload, scenario.seed)
     # The floods: the scenario's laws of lengths, other draws, all arriving at once; then the
     # same laws arriving at the scenario's own rate, so the engine also idles and wakes as it serves.

@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         scenario = check_scenario(scenario, profile, device.type)
         import torch
 
-        from profiler.measure import serving_regime
+        from profiler.measure import freeze_heap, serving_regime
 
         serving_regime(device, args.threads)  # the regime `profile` measured in
 
@@ -241,6 +241,7 @@ def main(argv=None) -> int:
         model_load_s = time.perf_counter() - load_start
         engine = LiveEngine(model, device)
         engine.warm_up()
+        freeze_heap()
         base = workload.generate(scenario.workload, scenario.seed)
         # The device's speed drifts (on a shared VM by tens of percent over a minute), so each
         # load's simulation is priced by a profile of the scenario's shapes swept before, between

@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
-        from profiler.measure import DTYPES, GRIDS, ModeSpec, serving_regime
+        from profiler.measure import DTYPES, GRIDS, ModeSpec, freeze_heap, serving_regime
 
         try:
             modes = [ModeSpec.parse(m.strip()) for m in (args.modes or "").split(",") if m.strip()]
@@ -201,6 +201,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         model_load_s = time.perf_counter() - load_start
+        freeze_heap()
         print(f"profiling {model_name} on {info['name']} ({device}), modes: {', '.join(m.name for m in modes)}",
               file=sys.stderr)
         command = "profile " + " ".join(sys.argv[1:] if argv is None else argv)
