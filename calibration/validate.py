@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from profiler.cli import add_threads_argument, device_info, pick_device, profile_record
 from sim.cli_util import run_command
@@ -116,39 +117,49 @@ def compare(live: list[dict], sim: dict) -> dict:
     return rows
 
 
-def step_seconds(runs, cost) -> tuple[np.ndarray, np.ndarray]:
-    """Each live step's seconds inside the model, and the profile's price for it after the same idle gap."""
-    live = np.concatenate([run.forward_s for run in runs])
-    priced = np.array([cost.forward_time(step) + cost.wake_time(idle)
-                       for run in runs for step, idle in zip(run.steps, run.idle_s)])
-    return live, priced
+def steps_frame(runs, cost) -> pd.DataFrame:
+    """One row per live step, run by run: its shape, when it started, how long the device sat
+    idle before it, and its seconds inside the model and around it, each beside the profile's
+    price for it (the forward pass after the same idle gap; the engine overhead)."""
+    frames = []
+    for k, run in enumerate(runs, 1):  # named as requests.csv names the live runs
+        steps = run.steps
+        frames.append(pd.DataFrame({
+            "run": f"live {k}",
+            "step": np.arange(len(steps)),
+            "started_s": run.started_s,
+            "prefill_seqs": [s.prefill_seqs for s in steps],
+            "prefill_len": [s.prefill_len for s in steps],
+            "decode_seqs": [s.decode_seqs for s in steps],
+            "decode_context": [s.decode_context for s in steps],
+            "reshuffle_tokens": [s.reshuffle_tokens for s in steps],
+            "idle_s": run.idle_s,
+            "forward_s": run.forward_s,
+            "priced_forward_s": [cost.forward_time(s) + cost.wake_time(idle) for s, idle in zip(steps, run.idle_s)],
+            "overhead_s": run.loop_s - run.forward_s,
+            "priced_overhead_s": [cost.overhead_time(s) for s in steps],
+        }))
+    return pd.concat(frames, ignore_index=True)
 
 
-def device_speed(runs, cost) -> float:
+def device_speed(steps: pd.DataFrame) -> float:
     """Time the live runs spent inside the model over what the profile predicts for the same
-    steps after the same idle gaps: 1.1 means the device ran 10% slower during the runs than
-    while the profile was swept."""
-    live, priced = step_seconds(runs, cost)
-    return float(live.sum() / priced.sum())
+    steps after the same idle gaps (a steps_frame): 1.1 means the device ran 10% slower during
+    the runs than while the profile was swept."""
+    return float(steps.forward_s.sum() / steps.priced_forward_s.sum())
 
 
-def device_speed_by_pass(runs, cost) -> list[dict]:
+def device_speed_by_pass(steps: pd.DataFrame) -> list[dict]:
     """`device_speed` split by the kind of pass and its rows (1, 2, 3-4, 5-8, ...). The device's
     drift moves every kind of pass alike; a grid that times some shape unlike the live engine
     runs it moves that shape's figure alone."""
-    live, priced = step_seconds(runs, cost)
-    groups: dict[tuple[str, int], list[int]] = {}
-    for i, step in enumerate(s for run in runs for s in run.steps):
-        rows = step.prefill_seqs or step.decode_seqs
-        top = 1 << (rows - 1).bit_length()  # the power of two at or above: bins 1, 2, 3-4, 5-8, ...
-        groups.setdefault(("prefill" if step.prefill_seqs else "decode", top), []).append(i)
-    out = []
-    for kind, top in sorted(groups, key=lambda key: (key[0] != "prefill", key[1])):  # prefill first
-        index = groups[kind, top]
-        out.append({"pass": kind, "rows": str(top) if top <= 2 else f"{top // 2 + 1}-{top}", "steps": len(index),
-                    "live_ms": 1e3 * float(live[index].mean()), "priced_ms": 1e3 * float(priced[index].mean()),
-                    "speed": float(live[index].sum() / priced[index].sum())})
-    return out
+    rows = np.where(steps.prefill_seqs > 0, steps.prefill_seqs, steps.decode_seqs).astype(int)
+    top = [1 << (r - 1).bit_length() for r in rows.tolist()]  # the power of two at or above: 1, 2, 3-4, ...
+    kind = np.where(steps.prefill_seqs > 0, "prefill", "decode")
+    groups = sorted(steps.groupby([kind, top]), key=lambda item: (item[0][0] != "prefill", item[0][1]))
+    return [{"pass": k, "rows": str(t) if t <= 2 else f"{t // 2 + 1}-{t}", "steps": len(group),
+             "live_ms": 1e3 * float(group.forward_s.mean()), "priced_ms": 1e3 * float(group.priced_forward_s.mean()),
+             "speed": device_speed(group)} for (k, t), group in groups]
 
 
 def scaled(raw: dict, mode: str, factor: float) -> dict:
@@ -271,6 +282,7 @@ def main(argv=None) -> int:
             return samples
 
         cases, frames, profiles = [], {}, {}
+        requests, live_steps = [], []  # per load: every request of every run, every live step
         result = {
             "scenario": scenario.name, "policy": scenario.deployment.batching.policy,
             "profile": profile.name, "mode": scenario.deployment.mode, "device": str(device),
@@ -285,6 +297,10 @@ def main(argv=None) -> int:
             short (a GPU lease's call limit, a lost terminal) keeps its finished loads."""
             with atomic_folder(out) as tmp:
                 (tmp / "validation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+                for name, parts in (("requests.csv", requests), ("steps.csv", live_steps)):
+                    frame = pd.concat(parts, ignore_index=True)
+                    first = ["load", "run"]
+                    frame[first + [c for c in frame.columns if c not in first]].to_csv(tmp / name, index=False)
                 for label, raw in profiles.items():
                     name = "profile.json" if label == "as given" else f"profile-{label.rstrip('%')}.json"
                     (tmp / name).write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -313,8 +329,9 @@ def main(argv=None) -> int:
                 swept(samples)
             profiles[label], fresh = profile_of(samples)
             cost = CostModel.of(fresh, fresh.modes[mode_spec.name])
-            speed = device_speed(live_runs, cost)
-            priced_overhead = float(np.mean([cost.overhead_time(step) for run in live_runs for step in run.steps]))
+            steps = steps_frame(live_runs, cost)
+            speed = device_speed(steps)
+            by_run = [run for _, run in steps.groupby("run", sort=False)]
             at_speed = parse_profile(scaled(profiles[label], mode_spec.name, speed), "in-process profile")
             sim_frames = {key: requests_frame(trace, simulate(scenario, p, trace).outcome)
                           for key, p in (("sim", fresh), ("sim_at_run_speed", at_speed), ("sim_shipped", profile))}
@@ -324,16 +341,20 @@ def main(argv=None) -> int:
             realized = workload.offered_rate(trace) / saturation_rps(scenario, fresh, base)
             case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
                     "saturation_rps": capacity, "realized_load": realized,
-                    "device_speed": speed, "device_speed_per_run": [device_speed([run], cost) for run in live_runs],
+                    "device_speed": speed, "device_speed_per_run": [device_speed(run) for run in by_run],
                     "sweep_levels": samples.sweep_levels(),
-                    "device_speed_by_pass": device_speed_by_pass(live_runs, cost),
-                    "engine_overhead_s": {"profile": priced_overhead,
-                                                                 "live": [run.overhead_s for run in live_runs]},
+                    "device_speed_by_pass": device_speed_by_pass(steps),
+                    "engine_overhead_s": {"profile": float(steps.priced_overhead_s.mean()),
+                                          "live": [float(run.overhead_s.mean()) for run in by_run]},
                     "live": live_stats, **sims}
             for key in sims:
                 case[key.replace("sim", "comparison")] = compare(live_stats, case[key])
             cases.append(case)
             frames[label] = (live_frames[0], sim_frames["sim"])
+            sources = [(f"live {k}", frame) for k, frame in enumerate(live_frames, 1)]
+            sources += [(name, sim_frames[key]) for key, (name, _) in zip(sim_frames, MEANINGS)]
+            requests.append(pd.concat([frame.assign(load=label, run=name) for name, frame in sources]))
+            live_steps.append(steps.assign(load=label))
             save()
             log(f"  wrote {out} ({len(cases)} of {len(loads)} loads)")
         print(table(result))

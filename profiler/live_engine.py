@@ -154,14 +154,10 @@ def running_ids(scheduler) -> set[int]:
 class LiveRun:
     outcome: Outcome
     steps: list[Step]  # every step the scheduler formed, in order
+    started_s: np.ndarray  # per step: when its forward pass began, seconds from the run's start
     loop_s: np.ndarray  # per step: the serving loop's seconds, from scheduling to cache cleanup
     forward_s: np.ndarray  # per step: seconds inside the model's forward passes
     idle_s: np.ndarray  # per step: seconds the model sat idle before it (inf for the first)
-
-    @property
-    def overhead_s(self) -> float:
-        """Mean seconds per step outside the model, cache copies included."""
-        return float(np.mean(self.loop_s - self.forward_s))
 
 
 def run_live(engine: LiveEngine, scheduler, trace: Trace) -> LiveRun:
@@ -172,7 +168,7 @@ def run_live(engine: LiveEngine, scheduler, trace: Trace) -> LiveRun:
     times = trace.arrived_at.tolist()
     prompt, output = trace.prompt_tokens.tolist(), trace.output_tokens.tolist()
     done = released = 0
-    steps, loop_s, forward_s, idle_s = [], [], [], []
+    steps, started_s, loop_s, forward_s, idle_s = [], [], [], [], []
     engine.batch = None
     last_end = -math.inf
     start = time.perf_counter()
@@ -204,14 +200,16 @@ def run_live(engine: LiveEngine, scheduler, trace: Trace) -> LiveRun:
         # scheduler charges that copy to this step (Step.reshuffle_tokens), and so does loop_s.
         engine.keep(running_ids(scheduler))
         steps.append(step)
-        idle_s.append(time.perf_counter() - last_end)
+        begin = time.perf_counter()
+        started_s.append(begin - start)
+        idle_s.append(begin - last_end)
         forward_s.append(engine.run_step(step))
         last_end = time.perf_counter()
         for r in scheduler.postprocess(step, time.perf_counter() - start):
             record(r)
         loop_s.append(time.perf_counter() - top)
     engine.keep(running_ids(scheduler))  # the last rows leave with the run
-    return LiveRun(outcome, steps, np.array(loop_s), np.array(forward_s), np.array(idle_s))
+    return LiveRun(outcome, steps, np.array(started_s), np.array(loop_s), np.array(forward_s), np.array(idle_s))
 
 
 def calibration_flood(engine: LiveEngine) -> LiveRun:

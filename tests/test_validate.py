@@ -45,6 +45,29 @@ def test_small_cpu_validation_is_within_an_honest_bound(validation_run):
     assert profile["modes"]["fp32"]["decode"]["repeats"][0][0] >= 6  # swept before, between, after
 
 
+def test_validation_keeps_every_request_and_every_live_step(validation_run):
+    """requests.csv: one row per request of each live run and each simulation; steps.csv: one row
+    per live step beside its price, adding up to the figures validation.json reports."""
+    import pandas as pd
+
+    (case,) = json.loads((validation_run / "validation.json").read_text())["cases"]
+    requests = pd.read_csv(validation_run / "requests.csv")
+    runs = ["live 1", "live 2", "simulated", "at run speed", "scenario's profile"]
+    assert list(requests.run.unique()) == runs and (requests.load == "50%").all()
+    assert (requests.groupby("run").size() == 40).all()
+    for k, stats in enumerate(case["live"], 1):  # the same requests the live figures were read from
+        live = requests[requests.run == f"live {k}"]
+        assert live.ttft_s.median() == pytest.approx(stats["ttft_s"]["p50"])
+    steps = pd.read_csv(validation_run / "steps.csv")
+    assert list(steps.run.unique()) == ["live 1", "live 2"]
+    for _, run in steps.groupby("run"):
+        assert run.started_s.is_monotonic_increasing and (run.step.diff().dropna() == 1).all()
+        assert ((run.prefill_seqs > 0) != (run.decode_seqs > 0)).all()  # no chunked prefill: one kind a step
+    assert (steps.priced_forward_s > 0).all() and (steps.overhead_s > 0).all()
+    assert steps.forward_s.sum() / steps.priced_forward_s.sum() == pytest.approx(case["device_speed"])
+    assert steps.priced_overhead_s.mean() == pytest.approx(case["engine_overhead_s"]["profile"])
+
+
 def test_validate_refuses_what_the_live_engine_cannot_run(tmp_path):
     import subprocess
     import sys
