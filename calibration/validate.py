@@ -47,8 +47,9 @@ examples:
 --loads sets the offered load as fractions of the saturation throughput, which the simulator
 finds by flooding the deployment with the same request mix, priced by the sweep just before
 that load's live runs; without it the scenario's own rate is used. Each load also reports the
-load the runs really met, priced by all the sweeps around them. Writes validation.json and
-report.html (CDF overlays, per-request scatter).
+load the runs really met, priced by all the sweeps around them. Writes validation.json,
+report.html (CDF overlays, per-request scatter), requests.csv (every request of each live run and
+each simulation) and steps.csv (every live step beside the profile's price for it).
 """
 
 
