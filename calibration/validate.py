@@ -48,7 +48,8 @@ examples:
 finds by flooding the deployment with the same request mix, priced by the sweep just before
 that load's live runs; without it the scenario's own rate is used. Each load also reports the
 load the runs really met, priced by all the sweeps around them. Writes validation.json,
-report.html (CDF overlays, per-request scatter), requests.csv (every request of each live run and
+report.html (CDF overlays, per-request scatter, the device's speed and each request's TTFT
+through the runs), requests.csv (every request of each live run and
 each simulation) and steps.csv (every live step beside the profile's price for it).
 """
 
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
             samples.sweep()
             return samples
 
-        cases, frames, profiles = [], {}, {}
+        cases, profiles = [], {}
         requests, live_steps = [], []  # per load: every request of every run, every live step
         result = {
             "scenario": scenario.name, "policy": scenario.deployment.batching.policy,
@@ -298,14 +299,16 @@ def main(argv=None) -> int:
             short (a GPU lease's call limit, a lost terminal) keeps its finished loads."""
             with atomic_folder(out) as tmp:
                 (tmp / "validation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+                tidy = {}
                 for name, parts in (("requests.csv", requests), ("steps.csv", live_steps)):
                     frame = pd.concat(parts, ignore_index=True)
                     first = ["load", "run"]
-                    frame[first + [c for c in frame.columns if c not in first]].to_csv(tmp / name, index=False)
+                    tidy[name] = frame[first + [c for c in frame.columns if c not in first]]
+                    tidy[name].to_csv(tmp / name, index=False)
                 for label, raw in profiles.items():
                     name = "profile.json" if label == "as given" else f"profile-{label.rstrip('%')}.json"
                     (tmp / name).write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-                write_validation_report(result, frames, tmp / "report.html")
+                write_validation_report(result, tidy["requests.csv"], tidy["steps.csv"], tmp / "report.html")
 
         for load in loads:
             # A load is a fraction of the saturation as the device runs now: found from the sweep
@@ -351,7 +354,6 @@ def main(argv=None) -> int:
             for key in sims:
                 case[key.replace("sim", "comparison")] = compare(live_stats, case[key])
             cases.append(case)
-            frames[label] = (live_frames[0], sim_frames["sim"])
             sources = [(f"live {k}", frame) for k, frame in enumerate(live_frames, 1)]
             sources += [(name, sim_frames[key]) for key, (name, _) in zip(sim_frames, MEANINGS)]
             requests.append(pd.concat([frame.assign(load=label, run=name) for name, frame in sources]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -19,7 +20,10 @@ def _cdf(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return v, np.arange(1, len(v) + 1) / max(len(v), 1)
 
 
-def write_validation_report(result: dict, frames: dict, path: Path) -> None:
+def write_validation_report(result: dict, requests: pd.DataFrame, steps: pd.DataFrame, path: Path) -> None:
+    """The report of a validation: its figures (validation.json's `result`), then per load the
+    latency distributions and, over the runs' time, the device's speed and each request's TTFT,
+    drawn from requests.csv's and steps.csv's frames."""
     rows = []
     for case in result["cases"]:
         for key, r in case["comparison"].items():
@@ -54,24 +58,58 @@ def write_validation_report(result: dict, frames: dict, path: Path) -> None:
                 "<p>The same forward time by kind of pass: the device's drift moves every kind alike, a grid that "
                 "times some shape unlike the live engine runs it moves that one alone.</p>",
                 table(["load", "pass", "steps", "live (mean)", "priced (mean)", "live / priced"], by_pass)]
-    for i, (label, (live, sim)) in enumerate(frames.items()):
-        fig = make_subplots(rows=1, cols=4, subplot_titles=[m for _, m in METRICS] + ["E2E per request"])
-        for col, (key, name) in enumerate(METRICS, start=1):
-            # one colour per side in every panel, so the one legend reads for all four
-            for frame, who, dash, colour in ((live, "live", None, "#1f77b4"), (sim, "simulated", "dash", "#d62728")):
-                x, y = _cdf(frame[key].to_numpy(float))
-                fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=who, line_dash=dash, line_color=colour,
-                                         legendgroup=who, showlegend=col == 1), row=1, col=col)
-        e_live, e_sim = live["e2e_s"].to_numpy(float), sim["e2e_s"].to_numpy(float)
-        fig.add_trace(go.Scatter(x=e_live, y=e_sim, mode="markers", marker_size=4, marker_color="#444",
-                                 name="request", showlegend=False), row=1, col=4)
-        top = float(np.nanmax([np.nanmax(e_live), np.nanmax(e_sim)]))
-        fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line_dash="dot", line_color="#999",
-                                 showlegend=False), row=1, col=4)
-        fig.update_xaxes(title_text="live E2E (s)", row=1, col=4)
-        fig.update_yaxes(title_text="simulated E2E (s)", row=1, col=4)
-        fig.update_layout(title=f"load {label}: CDFs (seconds) and per-request E2E")
-        sections.append(figure(fig, f"case{i}", 360))
+    for i, case in enumerate(result["cases"]):
+        label = case["load"]
+        sections.append(figure(_distributions(requests[requests.load == label], label), f"case{i}", 360))
+        sections.append(figure(_timeline(requests[requests.load == label], steps[steps.load == label], label),
+                               f"timeline{i}", 560))
     subtitle = (f"{result['policy']} batching · profile {result['profile']} / {result['mode']} · "
                 f"{result['device']} · torch {result['torch']} · {result['runs']} live runs per load")
     page(f"servesim validation: {result['scenario']}", subtitle, sections, path)
+
+
+LIVE, SIMULATED = "#1f77b4", "#d62728"  # one colour per side in every panel, so one legend reads for all
+
+
+def _distributions(requests: pd.DataFrame, label: str) -> go.Figure:
+    """CDFs of the first live run and the prediction, and their E2E request by request."""
+    live, sim = (requests[requests.run == run] for run in ("live 1", MEANINGS[0][0]))
+    fig = make_subplots(rows=1, cols=4, subplot_titles=[m for _, m in METRICS] + ["E2E per request"])
+    for col, (key, name) in enumerate(METRICS, start=1):
+        for frame, who, dash, colour in ((live, "live", None, LIVE), (sim, "simulated", "dash", SIMULATED)):
+            x, y = _cdf(frame[key].to_numpy(float))
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=who, line_dash=dash, line_color=colour,
+                                     legendgroup=who, showlegend=col == 1), row=1, col=col)
+    e_live, e_sim = live["e2e_s"].to_numpy(float), sim["e2e_s"].to_numpy(float)
+    fig.add_trace(go.Scatter(x=e_live, y=e_sim, mode="markers", marker_size=4, marker_color="#444",
+                             name="request", showlegend=False), row=1, col=4)
+    top = float(np.nanmax([np.nanmax(e_live), np.nanmax(e_sim)]))
+    fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", line_dash="dot", line_color="#999",
+                             showlegend=False), row=1, col=4)
+    fig.update_xaxes(title_text="live E2E (s)", row=1, col=4)
+    fig.update_yaxes(title_text="simulated E2E (s)", row=1, col=4)
+    fig.update_layout(title=f"load {label}: CDFs (seconds) and per-request E2E")
+    return fig
+
+
+def _timeline(requests: pd.DataFrame, steps: pd.DataFrame, label: str) -> go.Figure:
+    """Over each live run's time: how fast the device ran its steps against their price (a
+    running median over 25 steps: a slow second shows as a hump), and each request's TTFT by its
+    arrival, live and simulated. A miss that sits in one burst, behind a hump, is the device's."""
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=["forward time, live / priced (running median of 25 steps)",
+                                        "TTFT by arrival (seconds)"])
+    shades = {"live 1": LIVE, "live 2": "#6baed6"}
+    for run, group in steps.groupby("run", sort=False):
+        ratio = (group.forward_s / group.priced_forward_s).rolling(25, center=True, min_periods=1).median()
+        fig.add_trace(go.Scatter(x=group.started_s, y=ratio, mode="lines", name=run, legendgroup=run,
+                                 line_color=shades.get(run, "#444")), row=1, col=1)
+    fig.add_hline(y=1.0, line_dash="dot", line_color="#999", row=1, col=1)
+    for run, colour in (*shades.items(), (MEANINGS[0][0], SIMULATED)):
+        frame = requests[requests.run == run]
+        fig.add_trace(go.Scatter(x=frame.arrived_at, y=frame.ttft_s, mode="markers", marker_size=4,
+                                 marker_color=colour, name=run, legendgroup=run,
+                                 showlegend=run not in set(steps.run)), row=2, col=1)
+    fig.update_xaxes(title_text="seconds from the run's start", row=2, col=1)
+    fig.update_layout(title=f"load {label}: the device and the requests through the runs")
+    return fig
