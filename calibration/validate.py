@@ -49,8 +49,8 @@ finds by flooding the deployment with the same request mix, priced by the sweep 
 that load's live runs; without it the scenario's own rate is used. Each load also reports the
 load the runs really met, priced by all the sweeps around them. Writes validation.json,
 report.html (CDF overlays, per-request scatter, the device's speed and each request's TTFT
-through the runs), requests.csv (every request of each live run and
-each simulation) and steps.csv (every live step beside the profile's price for it).
+through the runs), requests.csv (every request of each live run and each simulation) and
+steps.csv (every live step beside the profile's price for it).
 """
 
 
