@@ -33,8 +33,9 @@ LABELS = {"ttft_s.p50": "TTFT p50", "ttft_s.p90": "TTFT p90", "e2e_s.p50": "E2E 
 # What each simulation of a case is, for the printed table and the HTML report.
 MEANINGS = (
     ("simulated", "priced by the profile swept before, between and after the live runs (the prediction)."),
-    ("at run speed", "the same, with forward times scaled by how fast the device ran the live runs, which takes "
-                     "the device's drift out and leaves the simulator's own error."),
+    ("at run speed", "the same, with prefill and decode times scaled by how fast the device ran the live runs' "
+                     "prefill and decode passes, which takes the device's drift out and leaves the simulator's "
+                     "own error."),
     ("scenario's profile", "the same simulation priced by the profile the scenario names, as it was measured, "
                            "not swept around the runs: how well a profile taken earlier predicts today's device."),
 )
@@ -164,16 +165,30 @@ def device_speed_by_pass(steps: pd.DataFrame) -> list[dict]:
              "speed": device_speed(group)} for (k, t), group in groups]
 
 
-def scaled(raw: dict, mode: str, factor: float) -> dict:
-    """A profile file whose forward-pass times in `mode` are `factor` times the measured ones
-    (the grids' and the calibration floods', so their ratio, the serving factor, stays)."""
+def device_speed_by_kind(steps: pd.DataFrame) -> dict[str, float]:
+    """`device_speed` for prefill passes and for decode passes apart. A prefill is compute-bound
+    and a decode reads the weights and the cache from memory, so a neighbour on a shared machine
+    can slow one more than the other: over 72 cases of six CPU matrices the two differed by more
+    than 8% in 16 (correlation 0.58). A kind the runs never ran takes the runs' overall speed."""
+    prefill = steps.prefill_seqs > 0
+    overall = device_speed(steps)
+    return {kind: device_speed(steps[rows]) if rows.any() else overall
+            for kind, rows in (("prefill", prefill), ("decode", ~prefill))}
+
+
+def scaled(raw: dict, mode: str, speed: dict[str, float]) -> dict:
+    """A profile file whose prefill and decode times in `mode` are `speed[kind]` times the
+    measured ones: the grids' and each calibration flood step's by its kind, so each flood step
+    keeps its ratio to its grid, and the serving factor, their pooled ratio, all but stays."""
     out = json.loads(json.dumps(raw))
     for kind in ("prefill", "decode"):
         grid = out["modes"][mode][kind]
-        grid["median_s"] = [[None if v is None else v * factor for v in row] for row in grid["median_s"]]
+        grid["median_s"] = [[None if v is None else v * speed[kind] for v in row] for row in grid["median_s"]]
     flood = out["modes"][mode]["flood"]
-    flood["forward_s"] = [v * factor for v in flood["forward_s"]]
-    out["command"] += f"; forward-pass times x {factor:.3f}, the device's speed during the live runs"
+    flood["forward_s"] = [v * speed["prefill" if rows else "decode"]
+                          for v, rows in zip(flood["forward_s"], flood["prefill_seqs"])]
+    out["command"] += (f"; prefill times x {speed['prefill']:.3f} and decode times x {speed['decode']:.3f}, "
+                       "the device's speed during the live runs")
     return out
 
 
@@ -336,7 +351,8 @@ def main(argv=None) -> int:
             steps = steps_frame(live_runs, cost)
             speed = device_speed(steps)
             by_run = [run for _, run in steps.groupby("run", sort=False)]
-            at_speed = parse_profile(scaled(profiles[label], mode_spec.name, speed), "in-process profile")
+            by_kind = device_speed_by_kind(steps)
+            at_speed = parse_profile(scaled(profiles[label], mode_spec.name, by_kind), "in-process profile")
             sim_frames = {key: requests_frame(trace, simulate(scenario, p, trace).outcome)
                           for key, p in (("sim", fresh), ("sim_at_run_speed", at_speed), ("sim_shipped", profile))}
             sims = {key: percentiles(frame) for key, frame in sim_frames.items()}
@@ -346,6 +362,7 @@ def main(argv=None) -> int:
             case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
                     "saturation_rps": capacity, "realized_load": realized,
                     "device_speed": speed, "device_speed_per_run": [device_speed(run) for run in by_run],
+                    "device_speed_by_kind": by_kind,
                     "sweep_levels": samples.sweep_levels(),
                     "device_speed_by_pass": device_speed_by_pass(steps),
                     "engine_overhead_s": {"profile": float(steps.priced_overhead_s.mean()),
@@ -403,8 +420,10 @@ def table(result: dict) -> str:
         overhead = case["engine_overhead_s"]
         runs = ", ".join(f"{v:.3f}" for v in case["device_speed_per_run"])
         sweeps = ", ".join(f"{v:.3f}" for v in case["sweep_levels"])
+        kinds = case["device_speed_by_kind"]
         lines.append(f"{case['load']:<9}device ran {case['device_speed']:.3f}x the profile's forward times "
-                     f"(runs: {runs}; the sweeps it pools ran {sweeps}x)")
+                     f"(prefill {kinds['prefill']:.3f}x, decode {kinds['decode']:.3f}x; runs: {runs}; "
+                     f"the sweeps it pools ran {sweeps}x)")
         lines.append(f"{case['load']:<9}engine overhead {overhead['profile'] * 1000:.2f} ms/step priced, "
                      + ", ".join(f"{v * 1000:.2f}" for v in overhead["live"]) + " ms live")
         lines.append(f"{case['load']:<9}by pass, live / priced (steps): " + ", ".join(

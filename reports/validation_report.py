@@ -37,7 +37,8 @@ def write_validation_report(result: dict, requests: pd.DataFrame, steps: pd.Data
     runs = lambda case: ", ".join(f"{v:.3f}" for v in case["device_speed_per_run"])  # noqa: E731
     sweeps = lambda case: ", ".join(f"{v:.3f}" for v in case["sweep_levels"])  # noqa: E731
     device = [[case["load"], f"{case['offered_rps']:.2f} req/s ({case['realized_load']:.0%})",
-               f"{case['device_speed']:.3f} ({runs(case)})", sweeps(case),
+               f"{case['device_speed']:.3f} ({runs(case)}; prefill {case['device_speed_by_kind']['prefill']:.3f}, "
+               f"decode {case['device_speed_by_kind']['decode']:.3f})", sweeps(case),
                f"{case['engine_overhead_s']['profile'] * 1000:.2f} ms",
                ", ".join(f"{v * 1000:.2f} ms" for v in case["engine_overhead_s"]["live"])]
               for case in result["cases"]]
@@ -51,7 +52,7 @@ def write_validation_report(result: dict, requests: pd.DataFrame, steps: pd.Data
                 "<p>" + "<br>".join(summary(result["cases"])) + "</p>",
                 "<h2>The device during the live runs</h2>",
                 table(["load", "offered (load met: of the saturation the sweeps around the runs price)",
-                       "forward time, live / profile (each run)",
+                       "forward time, live / profile (each run; by kind of pass, which prices at run speed)",
                        "each sweep the profile pools, over the pool (the device's drift)",
                        "engine overhead priced (mean over the runs' steps)",
                        "engine overhead in the live runs (mean)"], device),

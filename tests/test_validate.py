@@ -38,6 +38,14 @@ def test_small_cpu_validation_is_within_an_honest_bound(validation_run):
     assert len({(g["pass"], g["rows"]) for g in groups}) == len(groups)
     live, priced = (sum(g["steps"] * g[k] for g in groups) for k in ("live_ms", "priced_ms"))
     assert live / priced == pytest.approx(case["device_speed"])
+    # At run speed prices prefill and decode passes each at the runs' own speed for that kind: the
+    # two figures bracket the overall one, and the simulation at run speed was priced by them.
+    kinds = case["device_speed_by_kind"]
+    assert min(kinds.values()) <= case["device_speed"] <= max(kinds.values())
+    for kind in ("prefill", "decode"):
+        of_kind = [g for g in groups if g["pass"] == kind]
+        live, priced = (sum(g["steps"] * g[k] for g in of_kind) for k in ("live_ms", "priced_ms"))
+        assert live / priced == pytest.approx(kinds[kind])
     # The engine overhead priced (fitted from the sweeps' floods) for the runs' steps is what they paid.
     overhead = case["engine_overhead_s"]
     assert 0.5 < overhead["profile"] / min(overhead["live"]) and overhead["profile"] / max(overhead["live"]) < 2
@@ -66,6 +74,24 @@ def test_validation_keeps_every_request_and_every_live_step(validation_run):
     assert (steps.priced_forward_s > 0).all() and (steps.overhead_s > 0).all()
     assert steps.forward_s.sum() / steps.priced_forward_s.sum() == pytest.approx(case["device_speed"])
     assert steps.priced_overhead_s.mean() == pytest.approx(case["engine_overhead_s"]["profile"])
+
+
+def test_at_run_speed_prices_prefill_and_decode_each_at_its_own_speed():
+    from calibration.cost_model import CostModel
+    from calibration.profile import parse
+    from calibration.validate import scaled
+    from conftest import ROOT
+
+    raw = json.loads((ROOT / "calibration/profiles/cpu-gpt2-tiny.json").read_text())
+    base, runs = parse(raw, "shipped"), parse(scaled(raw, "fp32", {"prefill": 1.5, "decode": 0.8}), "at run speed")
+    before, after = (CostModel.of(p, p.modes["fp32"]) for p in (base, runs))
+    for b, x in ((1, 100), (4, 300), (16, 1000)):
+        assert after.prefill.at(b, x) == pytest.approx(1.5 * before.prefill.at(b, x))
+        assert after.decode.at(b, x) == pytest.approx(0.8 * before.decode.at(b, x))
+    # Each flood step keeps its ratio to its own grid, so the serving factor barely moves; the
+    # engine's time outside the model is not the device's speed, and stays.
+    assert after.serving_factor == pytest.approx(before.serving_factor, rel=0.02)
+    assert after.overhead == before.overhead
 
 
 def test_validate_refuses_what_the_live_engine_cannot_run(tmp_path):
