@@ -314,12 +314,10 @@ def main(argv=None) -> int:
             short (a GPU lease's call limit, a lost terminal) keeps its finished loads."""
             with atomic_folder(out) as tmp:
                 (tmp / "validation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-                tidy = {}
-                for name, parts in (("requests.csv", requests), ("steps.csv", live_steps)):
-                    frame = pd.concat(parts, ignore_index=True)
-                    first = ["load", "run"]
-                    tidy[name] = frame[first + [c for c in frame.columns if c not in first]]
-                    tidy[name].to_csv(tmp / name, index=False)
+                tidy = {name: pd.concat(parts, ignore_index=True)
+                        for name, parts in (("requests.csv", requests), ("steps.csv", live_steps))}
+                for name, frame in tidy.items():
+                    frame.to_csv(tmp / name, index=False)
                 for label, raw in profiles.items():
                     name = "profile.json" if label == "as given" else f"profile-{label.rstrip('%')}.json"
                     (tmp / name).write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -373,8 +371,9 @@ def main(argv=None) -> int:
             cases.append(case)
             sources = [(f"live {k}", frame) for k, frame in enumerate(live_frames, 1)]
             sources += [(name, sim_frames[key]) for key, (name, _) in zip(sim_frames, MEANINGS)]
-            requests.append(pd.concat([frame.assign(load=label, run=name) for name, frame in sources]))
-            live_steps.append(steps.assign(load=label))
+            requests.append(pd.concat([frame.assign(load=label, run=name)[["load", "run", *frame.columns]]
+                                       for name, frame in sources]))
+            live_steps.append(steps.assign(load=label)[["load", *steps.columns]])  # steps_frame puts `run` first
             save()
             log(f"  wrote {out} ({len(cases)} of {len(loads)} loads)")
         print(table(result))
