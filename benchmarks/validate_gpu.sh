@@ -6,7 +6,9 @@
 #   bash benchmarks/validate_gpu.sh SECONDS MODEL MODES MODE REQUESTS CASE...
 #   bash benchmarks/validate_gpu.sh 560 gpt2 fp32-nocache,fp32,fp16,bf16 bf16 120 steady-continuous steady-dynamic
 # CASE is <steady|bursty>-<continuous|dynamic>. Profiles go to calibration/profiles/<gpu>-<model>.json,
-# validations to results/gpu/<gpu>-<model>/<case>/.
+# validations to results/gpu/<gpu>-<model>/<case>/, and the card's clocks, load, power and
+# temperature every half second throughout to results/gpu/<gpu>-<model>/clocks.csv: whether a
+# drift in speed is the card's (clocks falling) or the host's (clocks steady, load low).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=$1 model=$2 modes=$3 mode=$4 requests=$5
@@ -14,6 +16,11 @@ shift 5
 py=${PYTHON:-python3}
 gpu=$($py -c "import torch; from profiler.cli import slug; print(slug(torch.cuda.get_device_name(0)))") || exit
 name=$gpu-$model
+mkdir -p "results/gpu/$name"
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,utilization.gpu,power.draw,temperature.gpu \
+  --format=csv -lms 500 > "results/gpu/$name/clocks.csv" &
+logger=$!
+trap 'kill $logger' EXIT
 $py -m profiler.cli --gpu 0 --model "$model" --modes "$modes" --out "calibration/profiles/$name.json" --quiet || exit
 dynamic='deployment.batching={policy: dynamic, max_batch_size: 16, max_wait_ms: 20}'
 for case in "$@"; do
