@@ -3,7 +3,8 @@
     python benchmarks/validation_table.py [results/validation]
 
 Each error cell is `prediction · at run speed`: the simulation priced by the profile swept around
-the live runs, then the same with forward times scaled by how fast the device ran the live runs.
+the live runs, then the same with its prefill and decode times each scaled by how fast the device
+ran that kind of pass in the live runs.
 A load is the fraction of saturation asked for, its rate, and the load the runs met: that rate
 over the saturation priced by the sweeps around them. Sweeps / profile: how fast the device ran
 each sweep the profile pools (before, between and after the live runs), over the pool.
@@ -11,6 +12,7 @@ each sweep the profile pools (before, between and after the live runs), over the
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,13 +22,20 @@ from calibration.validate import LABELS, summary
 KEYS = list(LABELS.items())
 
 
-def main() -> None:
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "results/validation")
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path, nargs="?", default=Path("results/validation"),
+                   help="a folder of validate outputs, one per case (default: results/validation)")
+    folder = p.parse_args().folder
+    paths = sorted(folder.glob("*/validation.json"))
+    if not paths:
+        print(f"error: {folder}: no */validation.json in it", file=sys.stderr)
+        return 2
     print("| arrivals · batching | load | " + " | ".join(label for _, label in KEYS)
           + " | live run-to-run (max) | device speed, live / profile (each run) | sweeps / profile"
           + " | engine overhead, ms/step: priced · live |")
     print("|---|---|" + "---|" * len(KEYS) + "---|---|---|---|")
-    results = [json.loads(path.read_text()) for path in sorted(folder.glob("*/validation.json"))]
+    results = [json.loads(path.read_text()) for path in paths]
     for result in results:
         for case in result["cases"]:
             cmp, fixed = case["comparison"], case["comparison_at_run_speed"]
@@ -43,7 +52,8 @@ def main() -> None:
                   + f" | {overhead['profile'] * 1000:.2f} · {live} |")
     print()
     print("\n".join(summary([case for result in results for case in result["cases"]])))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
