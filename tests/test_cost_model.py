@@ -152,3 +152,18 @@ def test_forward_passes_are_priced_at_the_calibration_floods_speed():
     raw["modes"]["fp16"]["flood"]["decode_seqs"].pop()
     with pytest.raises(InputError, match=r"modes\.fp16\.flood\.decode_seqs: expected 4 values"):
         parse(raw, "synthetic")
+
+
+def test_the_serving_factor_counts_only_the_flood_steps_inside_the_grids_batch_axes():
+    """A grid sized to a scenario's batches of 2 under a flood of 8 rows: the steps past the grid
+    are priced by the regression, whose error must not become the factor on every pass."""
+    raw = synthetic_profile(prefill=lambda b, p: 0.01 + 1e-5 * b * p, decode=lambda b, c: 0.002 + 1e-6 * b * c)
+    for kind in ("prefill", "decode"):
+        grid = raw["modes"]["fp16"][kind]
+        grid["batch"], grid["median_s"] = grid["batch"][:2], grid["median_s"][:2]
+    bare = CostModel(parse(raw, "synthetic").modes["fp16"])
+    inside = [Step(prefill_seqs=2, prefill_len=100), Step(decode_seqs=2, decode_context=400)]
+    outside = [Step(prefill_seqs=8, prefill_len=100), Step(decode_seqs=8, decode_context=1600)]
+    seconds = [1.1 * bare.forward_time(s) for s in inside] + [0.5 * bare.forward_time(s) for s in outside]
+    raw["modes"]["fp16"]["flood"] = flood_section(inside + outside, seconds, [3e-4] * 4)
+    assert CostModel(parse(raw, "synthetic").modes["fp16"]).serving_factor == pytest.approx(1.1)
