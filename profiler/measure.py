@@ -92,21 +92,27 @@ class ModeSpec:
 
 
 def reuse_cpu_memory() -> None:
-    """Make glibc keep freed buffers up to 32 MB for reuse instead of unmapping them.
+    """Make glibc serve every block from its heap and keep freed ones for reuse, never mapping or
+    unmapping memory per allocation.
 
     On the CPU, torch allocates through malloc. A KV cache that grows every step keeps asking for
     blocks larger than any freed so far, and glibc serves each with a fresh mmap: page faults
     and zeroing that double a decode step's time in a live engine but vanish in a benchmark
-    repeating one shape. Pinning the threshold gives both the steady state of a caching
-    allocator (as CUDA's is), so the profile measures what serving pays.
+    repeating one shape. Pinning the mmap threshold at its 32 MB maximum was not enough: a
+    bigger block (one layer's padded cache of 16 rows x 2,048 tokens of gpt2-tiny is 34 MB) was
+    still mapped fresh, unless an earlier pass had left a free stretch of heap large enough,
+    so the same decode of 16 rows over 4,096 tokens cost 80 or 300 ms by allocator history
+    (calibration/validation/NOTES.md, "Blocks over 32 MB"). With mmap off (M_MMAP_MAX = 0) and
+    trimming put off, every size is reused, the steady state of a caching allocator such as
+    CUDA's, so the profile measures what serving pays.
     """
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        libc.mallopt(M_MMAP_MAX, 0)
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
     except (OSError, AttributeError, TypeError):
         pass  # not glibc: nothing to tune
