@@ -103,8 +103,10 @@ def reuse_cpu_memory() -> None:
     still mapped fresh, unless an earlier pass had left a free stretch of heap large enough,
     so the same decode of 16 rows over 4,096 tokens cost 80 or 300 ms by allocator history
     (calibration/validation/NOTES.md, "Blocks over 32 MB"). With mmap off (M_MMAP_MAX = 0) and
-    trimming put off, every size is reused, the steady state of a caching allocator such as
-    CUDA's, so the profile measures what serving pays.
+    trimming off (M_TRIM_THRESHOLD = -1: a cap of 1 GB gave a padded cache of 1 GB, freed at the
+    top of the heap, back to the kernel, and its next pass paid the faults again), every block is
+    reused, the steady state of a caching allocator such as CUDA's, so the profile measures what
+    serving pays.
     """
     import ctypes
     import ctypes.util
@@ -113,7 +115,7 @@ def reuse_cpu_memory() -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
         libc.mallopt(M_MMAP_MAX, 0)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        libc.mallopt(M_TRIM_THRESHOLD, -1)
     except (OSError, AttributeError, TypeError):
         pass  # not glibc: nothing to tune
 
