@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import textwrap
@@ -39,6 +40,12 @@ MEANINGS = (
     ("scenario's profile", "the same simulation priced by the profile the scenario names, as it was measured, "
                            "not swept around the runs: how well a profile taken earlier predicts today's device."),
 )
+# The summary's last line: how far the live runs' own noise alone leaves a perfect simulation.
+NOISE_LABEL = "a perfect simulation, against the runs' noise"
+NOISE_MEANING = ("how many figures a simulation predicting exactly what a run gives on average would put within "
+                 "10% of the mean of these live runs, drawn from their own spread (with two runs, as half "
+                 "their difference): the floor these runs set, before the device's drift between the sweeps "
+                 "and the runs.")
 
 EPILOG = """
 examples:
@@ -383,17 +390,37 @@ def main(argv=None) -> int:
     return run_command(run)
 
 
+def noise_error(lives: list[float]) -> float:
+    """An error drawn as a perfect simulation's would be, from the live runs' own spread.
+
+    A perfect simulation predicts the figure a run gives on average; its error against the mean
+    of n runs, each off by its own noise, is that mean's noise: spread sigma / sqrt(n). The
+    contrast k * (run 1 - the mean of the others), k = sqrt(n - 1) / n, has that same spread and
+    no average (1/2 * (run 1 - run 2) for two runs), so it is one draw of that error: counted
+    over a matrix, how many figures the runs' noise alone leaves within 10%. It knows nothing of
+    the device's level drifting between the sweeps and the runs, which the prediction also pays."""
+    n = len(lives)
+    contrast = math.sqrt(n - 1) / n * (lives[0] - sum(lives[1:]) / (n - 1))
+    return contrast / (sum(lives) / n)
+
+
 def summary(cases: list[dict]) -> list[str]:
     """How many targeted figures the prediction, the same at run speed, and the scenario's own
-    profile put within 10%."""
+    profile put within 10%, and as many as the live runs' own noise would leave a perfect one."""
     lines = []
+
+    def line(label: str, errors: list[float]) -> None:
+        lines.append(f"{label}: TTFT/E2E p50/p90 within 10%: {sum(e <= 0.10 for e in errors)} of {len(errors)}; "
+                     f"median |error| {statistics.median(errors):.0%}, max {max(errors):.0%}")
+
     for label, which in (("prediction", "comparison"), ("at run speed", "comparison_at_run_speed"),
                          ("scenario's profile", "comparison_shipped")):
         if any(which not in case for case in cases):  # transformers' engine has no profile of its own
             continue
-        errors = [abs(case[which][key]["error"]) for case in cases for key in TARGETED]
-        lines.append(f"{label}: TTFT/E2E p50/p90 within 10%: {sum(e <= 0.10 for e in errors)} of {len(errors)}; "
-                     f"median |error| {statistics.median(errors):.0%}, max {max(errors):.0%}")
+        line(label, [abs(case[which][key]["error"]) for case in cases for key in TARGETED])
+    figures = [case["comparison"][key]["live"] for case in cases for key in TARGETED]
+    if all(len(lives) > 1 for lives in figures):
+        line(NOISE_LABEL, [abs(noise_error(lives)) for lives in figures])
     return lines
 
 
@@ -428,7 +455,8 @@ def table(result: dict) -> str:
         lines.append(f"{case['load']:<9}by pass, live / priced (steps): " + ", ".join(
             f"{g['pass']} {g['rows']} {g['speed']:.2f} ({g['steps']})" for g in case["device_speed_by_pass"]))
     lines += ["", *summary(result["cases"]), "",
-              *(textwrap.fill(f"{name}: {meaning}", 100) for name, meaning in MEANINGS)]
+              *(textwrap.fill(f"{name}: {meaning}", 100)
+                for name, meaning in (*MEANINGS, (NOISE_LABEL, NOISE_MEANING)))]
     return "\n".join(lines)
 
 

@@ -130,19 +130,41 @@ def test_live_engine_runs_every_policy_and_forces_output_lengths():
 
 
 def test_summary_counts_the_targeted_figures_within_ten_percent():
-    from calibration.validate import TARGETED, summary
+    from calibration.validate import NOISE_LABEL, TARGETED, summary
 
-    def case(errors):  # one error for every targeted figure, the rest ignored
-        figures = {key: {"error": e} for key, e in zip(TARGETED, errors)} | {"tpot_s.p50": {"error": 0.9}}
+    def case(errors, runs=(1.0, 1.0)):  # one error for every targeted figure, the rest ignored
+        figures = {key: {"error": e, "live": list(runs)} for key, e in zip(TARGETED, errors)}
+        figures["tpot_s.p50"] = {"error": 0.9, "live": [1.0, 2.0]}
         return {"comparison": figures, "comparison_at_run_speed": {k: {"error": 0.0} for k in figures}}
 
-    prediction, at_speed = summary([case([0.05, -0.10, 0.101, -0.3]), case([0.0, 0.02, -0.04, 0.5])])
+    prediction, at_speed, noise = summary([case([0.05, -0.10, 0.101, -0.3]), case([0.0, 0.02, -0.04, 0.5])])
     assert prediction == "prediction: TTFT/E2E p50/p90 within 10%: 5 of 8; median |error| 8%, max 50%"
     assert at_speed == "at run speed: TTFT/E2E p50/p90 within 10%: 8 of 8; median |error| 0%, max 0%"
+    assert noise == f"{NOISE_LABEL}: TTFT/E2E p50/p90 within 10%: 8 of 8; median |error| 0%, max 0%"
+    # Runs 1.0 and 1.25 apart: a perfect simulation's error is drawn as half their difference, 11%.
+    assert summary([case([0.0] * 4, runs=(1.0, 1.25))])[2].endswith("0 of 4; median |error| 11%, max 11%")
     # validate's own cases also price the scenario's profile as measured; transformers' engine has none.
     shipped = {key: {"error": 0.2} for key in TARGETED}
     lines = summary([case([0.0] * 4) | {"comparison_shipped": shipped}])
     assert lines[2] == "scenario's profile: TTFT/E2E p50/p90 within 10%: 0 of 4; median |error| 20%, max 20%"
+    # One live run has no spread to draw from.
+    assert len(summary([case([0.0] * 4, runs=(1.0,))])) == 2
+
+
+@pytest.mark.parametrize("runs", [2, 3, 5])
+def test_the_noise_error_is_drawn_as_a_perfect_simulations_error_against_the_mean_of_the_runs(runs):
+    """Runs scattered around the figure a perfect simulation predicts: its error against their
+    mean and the noise error drawn from the runs alone land within 10% equally often."""
+    import numpy as np
+
+    from calibration.validate import noise_error
+
+    rng = np.random.default_rng(7)
+    lives = 1.0 + 0.12 * rng.standard_normal((20_000, runs))
+    perfect = np.abs(1.0 / lives.mean(axis=1) - 1.0) <= 0.10
+    drawn = np.abs([noise_error(list(row)) for row in lives]) <= 0.10
+    assert abs(perfect.mean() - drawn.mean()) < 0.015
+    assert 0.6 < drawn.mean() < 0.99  # a spread that makes the count informative
 
 
 def test_a_validation_cut_short_keeps_the_loads_it_finished(tmp_path, monkeypatch):
