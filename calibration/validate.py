@@ -44,8 +44,8 @@ MEANINGS = (
 NOISE_LABEL = "a perfect simulation, against the runs' noise"
 NOISE_MEANING = ("how many figures a simulation predicting exactly what a run gives on average would put within "
                  "10% of the mean of these live runs, drawn from their own spread (with two runs, as half "
-                 "their difference): the floor these runs set, before the device's drift between the sweeps "
-                 "and the runs.")
+                 "their difference): as many as these runs' noise allows, before the device's drift between "
+                 "the sweeps and the runs.")
 
 EPILOG = """
 examples:
