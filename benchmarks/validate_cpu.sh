@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU validation matrix behind the README's tables: steady and bursty arrivals, dynamic and
-# continuous batching, at 30%, 60% and 90% of saturation, 120 requests, two live runs each (14-17 minutes).
+# continuous batching, at 30%, 60% and 90% of saturation, 120 requests, two live runs each (11-17 minutes).
 #   bash benchmarks/validate_cpu.sh [out-folder] [profile]    (profile default: the scenarios' cpu-gpt2-tiny)
 set -euo pipefail
 cd "$(dirname "$0")/.."
