@@ -46,6 +46,8 @@ NOISE_MEANING = ("how many figures a simulation predicting exactly what a run gi
                  "10% of the mean of these live runs, drawn from their own spread (with two runs, as half "
                  "their difference): as many as these runs' noise allows, before the device's drift between "
                  "the sweeps and the runs.")
+# What every line of a validation's text and report means, in the order they are printed.
+LEGEND = (*MEANINGS, (NOISE_LABEL, NOISE_MEANING))
 
 EPILOG = """
 examples:
@@ -457,8 +459,7 @@ def table(result: dict) -> str:
         lines.append(f"{case['load']:<9}by pass, live / priced (steps): " + ", ".join(
             f"{g['pass']} {g['rows']} {g['speed']:.2f} ({g['steps']})" for g in case["device_speed_by_pass"]))
     lines += ["", *summary(result["cases"]), "",
-              *(textwrap.fill(f"{name}: {meaning}", 100)
-                for name, meaning in (*MEANINGS, (NOISE_LABEL, NOISE_MEANING)))]
+              *(textwrap.fill(f"{name}: {meaning}", 100) for name, meaning in LEGEND)]
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from calibration.validate import MEANINGS, NOISE_LABEL, NOISE_MEANING, summary
+from calibration.validate import LEGEND, MEANINGS, summary
 from reports.html import figure, page, table
 
 METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))
@@ -46,8 +46,7 @@ def write_validation_report(result: dict, requests: pd.DataFrame, steps: pd.Data
                 f"{g['live_ms']:.2f} ms", f"{g['priced_ms']:.2f} ms", f"{g['speed']:.3f}"]
                for case in result["cases"] for g in case["device_speed_by_pass"]]
     sections = ["<h2>Live vs simulated</h2>",
-                "<p>" + " ".join(f"<b>{name}</b>: {meaning}"
-                                 for name, meaning in (*MEANINGS, (NOISE_LABEL, NOISE_MEANING))) + "</p>",
+                "<p>" + " ".join(f"<b>{name}</b>: {meaning}" for name, meaning in LEGEND) + "</p>",
                 table(["load", "metric", "live (mean of runs)", "simulated", "error", "live run-to-run",
                        "simulated at run speed", "error"], rows),
                 "<p>" + "<br>".join(summary(result["cases"])) + "</p>",
