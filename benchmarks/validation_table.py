@@ -18,25 +18,17 @@ import sys
 from pathlib import Path
 
 from calibration.validate import LABELS, summary
+from sim.cli_util import run_command
+from sim.errors import InputError
 
 KEYS = list(LABELS.items())
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folder", type=Path, nargs="?", default=Path("results/validation"),
-                   help="a folder of validate outputs, one per case (default: results/validation)")
-    folder = p.parse_args().folder
-    paths = sorted(folder.glob("*/validation.json"))
-    if not paths:
-        print(f"error: {folder}: no */validation.json in it", file=sys.stderr)
-        return 2
-    print("| arrivals · batching | load | " + " | ".join(label for _, label in KEYS)
-          + " | live run-to-run (max) | device speed, live / profile (each run) | sweeps / profile"
-          + " | engine overhead, ms/step: priced · live |")
-    print("|---|---|" + "---|" * len(KEYS) + "---|---|---|---|")
-    results = [json.loads(path.read_text()) for path in paths]
-    for result in results:
+def table_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """One validate output's cases and its table rows; a file that is not one: one clear line."""
+    try:
+        result = json.loads(path.read_text())
+        rows = []
         for case in result["cases"]:
             cmp, fixed = case["comparison"], case["comparison_at_run_speed"]
             noise = max(cmp[k]["noise"] for k, _ in KEYS if cmp[k]["noise"] is not None)
@@ -47,13 +39,36 @@ def main() -> int:
             runs = " / ".join(f"{v:.2f}" for v in case["device_speed_per_run"])
             sweeps = " / ".join(f"{v:.2f}" for v in case["sweep_levels"])
             load = f"{case['load']} ({case['offered_rps']:.1f} req/s; met {case['realized_load']:.0%})"
-            print(f"| {name} | {load} | " + " | ".join(cells)
-                  + f" | {noise:.0%} | {case['device_speed']:.2f} ({runs}) | {sweeps}"
-                  + f" | {overhead['profile'] * 1000:.2f} · {live} |")
+            rows.append(f"| {name} | {load} | " + " | ".join(cells)
+                        + f" | {noise:.0%} | {case['device_speed']:.2f} ({runs}) | {sweeps}"
+                        + f" | {overhead['profile'] * 1000:.2f} · {live} |")
+        summary(result["cases"])  # the fields only the summary reads, checked where the file can be named
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read it as validate's output: {e}") from None
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{path}: not validate's output of this version (missing or bad field {e})") from None
+    return result["cases"], rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path, nargs="?", default=Path("results/validation"),
+                   help="a folder of validate outputs, one per case (default: results/validation)")
+    folder = p.parse_args().folder
+    paths = sorted(folder.glob("*/validation.json"))
+    if not paths:
+        raise InputError(f"{folder}: no */validation.json in it")
+    read = [table_rows(path) for path in paths]  # every file read before anything is printed
+    print("| arrivals · batching | load | " + " | ".join(label for _, label in KEYS)
+          + " | live run-to-run (max) | device speed, live / profile (each run) | sweeps / profile"
+          + " | engine overhead, ms/step: priced · live |")
+    print("|---|---|" + "---|" * len(KEYS) + "---|---|---|---|")
+    for _, rows in read:
+        print("\n".join(rows))
     print()
-    print("\n".join(summary([case for result in results for case in result["cases"]])))
+    print("\n".join(summary([case for cases, _ in read for case in cases])))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))
