@@ -8,7 +8,9 @@
 # CASE is <steady|bursty>-<continuous|dynamic>. Profiles go to calibration/profiles/<gpu>-<model>.json,
 # validations to results/gpu/<gpu>-<model>/<case>/, and the card's clocks, load, power and
 # temperature every half second throughout to results/gpu/<gpu>-<model>/clocks.csv: whether a
-# drift in speed is the card's (clocks falling) or the host's (clocks steady, load low).
+# drift in speed is the card's (clocks falling) or the host's (clocks steady, load low). First,
+# seconds long, benchmarks/attention_plans.py to results/gpu/<gpu>-<model>/attention_plans.txt:
+# what attention costs on a shape met for the first time, with cuDNN and without (the regime).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=$1 model=$2 modes=$3 mode=$4 requests=$5
@@ -21,6 +23,7 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,utilization.gpu,power.draw
   --format=csv -lms 500 > "results/gpu/$name/clocks.csv" &
 logger=$!
 trap 'kill $logger' EXIT
+$py benchmarks/attention_plans.py | tee "results/gpu/$name/attention_plans.txt"
 $py -m profiler.cli --gpu 0 --model "$model" --modes "$modes" --out "calibration/profiles/$name.json" --quiet || exit
 dynamic='deployment.batching={policy: dynamic, max_batch_size: 16, max_wait_ms: 20}'
 for case in "$@"; do

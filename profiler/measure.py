@@ -136,12 +136,30 @@ def freeze_heap() -> None:
 
 def serving_regime(device: torch.device, threads: int) -> None:
     """Put this process in the regime `profile` measures in and the live engines run in: torch's
-    thread count (a profile prices the engine at the count it was measured with) and, on a CPU,
-    an allocator that keeps freed buffers (reuse_cpu_memory). Once the model is built, the
-    caller freezes the heap (freeze_heap)."""
+    thread count (a profile prices the engine at the count it was measured with), on a CPU an
+    allocator that keeps freed buffers (reuse_cpu_memory), on a GPU attention kernels that cost
+    the same every call (keep_attention_steady). Once the model is built, the caller freezes
+    the heap (freeze_heap)."""
     torch.set_num_threads(threads)
     if device.type == "cpu":
         reuse_cpu_memory()
+    else:
+        keep_attention_steady()
+
+
+def keep_attention_steady() -> None:
+    """Take cuDNN out of torch's attention (SDPA) backends, leaving flash and memory-efficient
+    attention, the kernels serving engines run.
+
+    On Hopper and newer cards recent torch tries cuDNN first for fp16/bf16 attention, and cuDNN
+    builds an execution plan for every shape it has not run (batch, query and key lengths)
+    before running it: a one-off cost of tens of milliseconds that a serving loop pays again and
+    again, its cache growing a token a step, and that a grid pays or not by what ran before it.
+    The H100 records bear its signature (calibration/validation/NOTES.md, "H100: an attention
+    plan per shape"): gpt2's fp16 and bf16 prefills took 48-88 ms at every point from 1 x 128
+    tokens to 32 x 512, where fp32, which cuDNN does not run, took 11.3 to 92.9 ms, and its
+    bf16 decodes split between a fastest tenth of 5-19 ms and a slowest of 45-100 ms."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def is_oom(error: BaseException) -> bool:

@@ -130,6 +130,22 @@ print(mapped, libc.mallinfo2().arena >> 20)
     assert heap_mb >= 1280  # freed, and kept for the next pass
 
 
+def test_the_serving_regime_on_a_gpu_runs_attention_without_cudnn():
+    """cuDNN builds an execution plan for every attention shape it has not run, tens of
+    milliseconds each: a serving loop's cache grows a token a step and keeps paying it, and a
+    grid pays it or not by what ran before. Profile and live engine both run without it."""
+    torch = pytest.importorskip("torch")
+    from profiler.measure import serving_regime
+
+    before, threads = torch.backends.cuda.cudnn_sdp_enabled(), torch.get_num_threads()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        serving_regime(torch.device("cuda"), threads)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 def test_decode_grid_measures_every_small_batch_not_only_the_fast_powers_of_two():
     pytest.importorskip("torch")
     from profiler.measure import GRIDS, decode_batches
