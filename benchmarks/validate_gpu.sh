@@ -5,7 +5,9 @@
 # the lease; one cut short keeps the loads it finished (validate writes its folder after each).
 #   bash benchmarks/validate_gpu.sh SECONDS MODEL MODES MODE REQUESTS CASE...
 #   bash benchmarks/validate_gpu.sh 560 gpt2 fp32-nocache,fp32,fp16,bf16 bf16 120 steady-continuous steady-dynamic
-# CASE is <steady|bursty>-<continuous|dynamic>. Profiles go to calibration/profiles/<gpu>-<model>.json,
+# CASE is <steady|bursty>-<continuous|dynamic>. Profiles go to calibration/profiles/<gpu>-<model>.json;
+# one already there is used as it is (a lease's calls are 10 minutes each: the first profiles and
+# validates, a later one, given the first's profile back, spends its time on validations),
 # validations to results/gpu/<gpu>-<model>/<case>/, and the card's clocks, load, power and
 # temperature every half second throughout to results/gpu/<gpu>-<model>/clocks.csv: whether a
 # drift in speed is the card's (clocks falling) or the host's (clocks steady, load low). First,
@@ -24,7 +26,11 @@ nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,utilization.gpu,power.draw
 logger=$!
 trap 'kill $logger' EXIT
 $py benchmarks/attention_plans.py | tee "results/gpu/$name/attention_plans.txt"
-$py -m profiler.cli --gpu 0 --model "$model" --modes "$modes" --out "calibration/profiles/$name.json" --quiet || exit
+if [[ -f calibration/profiles/$name.json ]]; then
+  echo "using calibration/profiles/$name.json as it is"
+else
+  $py -m profiler.cli --gpu 0 --model "$model" --modes "$modes" --out "calibration/profiles/$name.json" --quiet || exit
+fi
 dynamic='deployment.batching={policy: dynamic, max_batch_size: 16, max_wait_ms: 20}'
 for case in "$@"; do
   arrivals=${case%-*} policy=${case#*-}
