@@ -152,17 +152,6 @@ class Surface:
             total += (a + c * start + d * start * start) * count + (c + 2 * d * start) * sum_j + d * sum_j2
         return max(total, 1e-12 * n)
 
-    def many(self, b: int, x: np.ndarray) -> np.ndarray:
-        """Seconds for batch b at each x of an array."""
-        row, knots = np.array(self.row(b)), self.x
-        value = np.interp(x, knots, row)
-        above, below = x > knots[-1], x < knots[0]
-        if above.any():
-            value[above] = row[-1] * self.regression(b, x[above]) / self._reg(b, knots[-1])
-        if below.any():
-            value[below] = row[0] * self.regression(b, x[below]) / self._reg(b, knots[0])
-        return value
-
 
 @dataclass(frozen=True)
 class HeldOut:
