@@ -56,7 +56,8 @@ examples:
 
 --loads sets the offered load as fractions of the saturation throughput, which the simulator
 finds by flooding the deployment with the same request mix, priced by the sweep just before
-that load's live runs; without it the scenario's own rate is used. Each load also reports the
+that load's live runs and, from the second load on, by the sweeps around the load before it (the
+geometric mean of the two); without it the scenario's own rate is used. Each load also reports the
 load the runs really met, priced by all the sweeps around them. Writes validation.json,
 report.html (CDF overlays, per-request scatter, the device's speed and each request's TTFT
 through the runs), requests.csv (every request of each live run and each simulation) and
@@ -334,14 +335,21 @@ def main(argv=None) -> int:
                     (tmp / name).write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n", encoding="utf-8")
                 write_validation_report(result, tidy["requests.csv"], tidy["steps.csv"], tmp / "report.html")
 
+        previous = None  # the saturation the sweeps around the previous load's runs priced
         for load in loads:
             # A load is a fraction of the saturation as the device runs now: found from the sweep
-            # just before this load's live runs. Found once for all loads from a sweep minutes
-            # earlier, "90%" ran at 85-110% of what the runs' own sweeps priced, matrix to matrix.
+            # just before this load's live runs (found once for all loads from a sweep minutes
+            # earlier, "90%" ran at 85-110% of what the runs' own sweeps priced, matrix to matrix).
+            # One sweep prices it only to a few percent (five in a row: 1.33-1.46 req/s), so after
+            # the first load it is the geometric mean of that sweep's and the previous load's
+            # pooled sweeps': over 154 stored loads, 5.7% from what the sweeps around the runs
+            # priced (SD), against 6.7% from the one sweep (NOTES, "Each load's saturation").
             samples = swept(GridSamples(bench, grid))
             _, before = profile_of(samples)
             kv_capacity = kv_capacity_per_worker(scenario, before)
             capacity = None if load is None else saturation_rps(scenario, before, base)
+            if capacity is not None and previous is not None:
+                capacity = math.sqrt(capacity * previous)
             factor = 1.0 if load is None else load * capacity / workload.offered_rate(base)
             trace = workload.generate(workload.scale_rate(scenario.workload, factor), scenario.seed)
             label = "as given" if load is None else f"{load:.0%}"
@@ -367,7 +375,8 @@ def main(argv=None) -> int:
             sims = {key: percentiles(frame) for key, frame in sim_frames.items()}
             # The load the runs really met: the offered rate over the saturation priced by the
             # sweeps around them, the profile that prices the simulation.
-            realized = workload.offered_rate(trace) / saturation_rps(scenario, fresh, base)
+            previous = saturation_rps(scenario, fresh, base)
+            realized = workload.offered_rate(trace) / previous
             case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
                     "saturation_rps": capacity, "realized_load": realized,
                     "device_speed": speed, "device_speed_per_run": [device_speed(run) for run in by_run],

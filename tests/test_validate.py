@@ -14,6 +14,9 @@ import pytest
 # 35% with E2E p50 38% off while its two live runs were 20% apart: 50%. A cost model or engine
 # that is broken misses both by far.
 BOUNDS = {"comparison": 0.5, "comparison_at_run_speed": 0.35}
+# A validation of a few requests over a small grid to sweep: how loads follow each other, in seconds.
+SMALL = ["--set", "workload.prompt_tokens={kind: uniform, low: 8, high: 16}",
+         "--set", "deployment.batching={policy: continuous, max_num_seqs: 2, max_batched_tokens: 64}"]
 
 
 def test_small_cpu_validation_is_within_an_honest_bound(validation_run):
@@ -186,11 +189,31 @@ def test_a_validation_cut_short_keeps_the_loads_it_finished(tmp_path, monkeypatc
 
     monkeypatch.setattr(profiler.live_engine, "run_live", run_live)
     out = tmp_path / "out"
-    small = ["--set", "workload.prompt_tokens={kind: uniform, low: 8, high: 16}",  # a small grid to sweep
-             "--set", "deployment.batching={policy: continuous, max_num_seqs: 2, max_batched_tokens: 64}"]
     code = main([str(ROOT / "scenarios/validation/steady.yaml"), "--requests", "6", "--loads", "0.5,0.9", "--runs", "1",
-                 *small, "--out", str(out), "--quiet"])
+                 *SMALL, "--out", str(out), "--quiet"])
     assert code == 130
     result = json.loads((out / "validation.json").read_text())
     assert [case["load"] for case in result["cases"]] == ["50%"]
     assert (out / "profile-50.json").exists() and (out / "report.html").exists()
+
+
+def test_a_later_load_is_asked_of_its_own_sweep_and_the_sweeps_around_the_load_before(tmp_path, monkeypatch):
+    """One sweep prices the saturation to a few percent; from the second load on, the rate asked
+    is of the geometric mean of the sweep just before the load's runs and the sweeps pooled
+    around the previous load's runs (the saturation that load reports having met)."""
+    pytest.importorskip("torch")
+    import sim.simulator
+    from calibration.validate import main
+    from conftest import ROOT
+
+    priced = iter([10.0, 20.0, 40.0, 50.0])  # load 1: before, around its runs; load 2: the same
+    monkeypatch.setattr(sim.simulator, "saturation_rps", lambda *args, **kwargs: next(priced))
+    out = tmp_path / "out"
+    assert main([str(ROOT / "scenarios/validation/steady.yaml"), "--requests", "6", "--loads", "0.5,0.9",
+                 "--runs", "1", *SMALL, "--out", str(out), "--quiet"]) == 0
+    first, second = json.loads((out / "validation.json").read_text())["cases"]
+    assert first["saturation_rps"] == 10.0 and first["offered_rps"] == pytest.approx(5.0)
+    assert first["realized_load"] == pytest.approx(5.0 / 20.0)
+    assert second["saturation_rps"] == pytest.approx((40.0 * 20.0) ** 0.5)
+    assert second["offered_rps"] == pytest.approx(0.9 * (40.0 * 20.0) ** 0.5)
+    assert second["realized_load"] == pytest.approx(second["offered_rps"] / 50.0)
