@@ -335,7 +335,7 @@ def main(argv=None) -> int:
                     (tmp / name).write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n", encoding="utf-8")
                 write_validation_report(result, tidy["requests.csv"], tidy["steps.csv"], tmp / "report.html")
 
-        previous = None  # the saturation the sweeps around the previous load's runs priced
+        around = None  # the saturation the sweeps around the last load's runs priced, once one ran
         for load in loads:
             # A load is a fraction of the saturation as the device runs now: found from the sweep
             # just before this load's live runs (found once for all loads from a sweep minutes
@@ -348,8 +348,8 @@ def main(argv=None) -> int:
             _, before = profile_of(samples)
             kv_capacity = kv_capacity_per_worker(scenario, before)
             capacity = None if load is None else saturation_rps(scenario, before, base)
-            if capacity is not None and previous is not None:
-                capacity = math.sqrt(capacity * previous)
+            if capacity is not None and around is not None:
+                capacity = math.sqrt(capacity * around)
             factor = 1.0 if load is None else load * capacity / workload.offered_rate(base)
             trace = workload.generate(workload.scale_rate(scenario.workload, factor), scenario.seed)
             label = "as given" if load is None else f"{load:.0%}"
@@ -375,8 +375,8 @@ def main(argv=None) -> int:
             sims = {key: percentiles(frame) for key, frame in sim_frames.items()}
             # The load the runs really met: the offered rate over the saturation priced by the
             # sweeps around them, the profile that prices the simulation.
-            previous = saturation_rps(scenario, fresh, base)
-            realized = workload.offered_rate(trace) / previous
+            around = saturation_rps(scenario, fresh, base)
+            realized = workload.offered_rate(trace) / around
             case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
                     "saturation_rps": capacity, "realized_load": realized,
                     "device_speed": speed, "device_speed_per_run": [device_speed(run) for run in by_run],
