@@ -60,7 +60,7 @@ class LiveEngine:
         with torch.inference_mode():
             for b, n in ((1, 16), (2, 64), (4, 128)):
                 out = self.model(input_ids=self._ids(b, n), use_cache=True, logits_to_keep=1)
-                self.model(input_ids=self._ids(b, 1), past_key_values=out.past_key_values, use_cache=True)
+                self.model(input_ids=self._ids(b, 1), cache=out.cache, use_cache=True)
         self.sync()
 
     def run_step(self, step) -> float:
@@ -89,7 +89,7 @@ class LiveEngine:
         padded = bool((mask == 0).any())
         out, seconds = self._forward(input_ids=ids, attention_mask=mask if padded else None, use_cache=True,
                                      logits_to_keep=1)
-        new = Batch(reqs, out.past_key_values, mask)
+        new = Batch(reqs, out.cache, mask)
         self.batch = new if self.batch is None else _concatenate(self.batch, new)
         return seconds
 
@@ -99,7 +99,7 @@ class LiveEngine:
         padded = bool((batch.mask == 0).any())
         _, seconds = self._forward(input_ids=self._ids(len(batch.rows), 1),
                                    attention_mask=batch.mask if padded else None,
-                                   past_key_values=batch.cache, use_cache=True)
+                                   cache=batch.cache, use_cache=True)
         return seconds
 
     def keep(self, running: set[int]) -> None:

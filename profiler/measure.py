@@ -175,7 +175,7 @@ class Bench:
         self.vocab = model.config.vocab_size
         self.forward = torch.compile(model, dynamic=True) if mode.compiled else model
         with torch.inference_mode():  # learn the cache layout from a one-token pass
-            cache = model(input_ids=self._ids(1, 1), use_cache=True).past_key_values
+            cache = model(input_ids=self._ids(1, 1), use_cache=True).cache
             for _ in range(3):  # first passes pay one-time costs (allocator, kernel selection)
                 self.forward(input_ids=self._ids(1, 128), use_cache=mode.kv_cache, logits_to_keep=1)
         self.cache_shapes = [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers]
@@ -273,7 +273,7 @@ class Bench:
         def step():
             width = cache.get_seq_length() + 1
             return self.forward(input_ids=ids, attention_mask=None if mask is None else mask[:, :width],
-                                past_key_values=cache, use_cache=True)
+                                cache=cache, use_cache=True)
 
         return self.time(step, warmup)
 
@@ -322,11 +322,11 @@ class Bench:
             with torch.inference_mode(), (torch.cuda.stream(stream) if stream else nullcontext()):
                 cache = self.synthetic_cache(1, context)
                 ids = self._ids(1, 1)
-                self.forward(input_ids=ids, past_key_values=cache, use_cache=True)
+                self.forward(input_ids=ids, cache=cache, use_cache=True)
                 barrier.wait()
                 start = time.perf_counter()
                 for _ in range(steps):
-                    self.forward(input_ids=ids, past_key_values=cache, use_cache=True)
+                    self.forward(input_ids=ids, cache=cache, use_cache=True)
                 if stream:
                     stream.synchronize()
                 results.append((time.perf_counter() - start) / steps)
@@ -554,7 +554,7 @@ def max_batch(bench, context: int, start: int) -> dict | None:
                 cache = bench.synthetic_cache(b, context)
                 ids = bench._ids(b, 1)
                 for _ in range(2):  # the second step holds each layer's own cache and its next, as serving does
-                    bench.forward(input_ids=ids, past_key_values=cache, use_cache=True)
+                    bench.forward(input_ids=ids, cache=cache, use_cache=True)
             del cache
             fits = b
             b *= 2

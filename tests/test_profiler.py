@@ -171,7 +171,7 @@ def test_grid_times_passes_as_the_live_engine_runs_them():
     calls = []
 
     def spy(**inputs):
-        cache = inputs.get("past_key_values")
+        cache = inputs.get("cache")
         calls.append((inputs["input_ids"].shape, inputs["attention_mask"], cache.get_seq_length() if cache else 0))
         return model(**inputs)
 
