@@ -33,7 +33,7 @@ from profiler.hf_engine import EngineConfig, EngineSteps, HFEngine
 from sim import scenario as scenario_mod, workload
 from sim.cli_util import run_command
 from sim.errors import InputError
-from sim.files import atomic_folder
+from sim.files import atomic_folder, check_replaceable
 from sim.results import requests_frame
 from sim.simulator import saturation_rps, simulate
 from sim.workload import Trace
@@ -84,6 +84,7 @@ def validate(args) -> int:
 
     if args.requests < 1:
         raise InputError("--requests: must be at least 1")
+    check_replaceable(args.out)
     serving_regime(torch.device("cpu"), threads=1)
     config = EngineConfig()
     scenario = scenario_mod.load(args.scenario, args.set)

@@ -248,7 +248,7 @@ def main(argv=None) -> int:
         from calibration.cost_model import CostModel
         from calibration.profile import load as load_profile
         from sim import scenario as scenario_mod, workload
-        from sim.files import atomic_folder
+        from sim.files import atomic_folder, check_replaceable
         from sim.results import requests_frame
         from sim.simulator import kv_capacity_per_worker, make_scheduler, saturation_rps, simulate
 
@@ -260,9 +260,13 @@ def main(argv=None) -> int:
             raise InputError(f"--loads: expected numbers like 0.3,0.6,0.9, got {args.loads!r}") from None
         if any(x is not None and not 0 < x <= 2 for x in loads):
             raise InputError("--loads: each load must be a fraction of saturation in (0, 2]")
+        if args.requests is not None and args.requests < 1:
+            raise InputError("--requests: must be at least 1")
         scenario = scenario_mod.load(args.scenario, args.set)
-        if args.requests:
+        if args.requests is not None:
             scenario = replace(scenario, workload=replace(scenario.workload, num_requests=args.requests))
+        out = args.out or Path("results") / f"validate-{scenario.name}"
+        check_replaceable(out)  # before minutes of live runs, not after the first load
         profile = load_profile(scenario.deployment.profile)
         device = pick_device(argparse.Namespace(gpu=args.gpu, device=args.device))
         scenario = check_scenario(scenario, profile, device.type)
@@ -318,7 +322,6 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "runs": args.runs,
             "command": "validate " + " ".join(sys.argv[1:] if argv is None else argv), "cases": cases,
         }
-        out = args.out or Path("results") / f"validate-{scenario.name}"
         from reports.validation_report import write_validation_report
 
         def save() -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sim.cli_util import run_command
 from sim.errors import InputError
+from sim.files import check_writable
 
 EPILOG = """
 examples:
@@ -193,6 +194,7 @@ def main(argv=None) -> int:
         model_name = args.model if not isinstance(model_spec, Path) else model_spec.name
         name = f"{'cpu' if device.type == 'cpu' else slug(info['name'])}-{slug(model_name)}"
         out = args.out or profile_file.SHIPPED / f"{name}.json"
+        check_writable(out)
         spec = GRIDS[device.type + ("-quick" if args.quick else "")]
 
         started = time.perf_counter()

@@ -43,26 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
-        from dataclasses import replace
-
         from tqdm import tqdm
 
         from calibration.profile import load as load_profile
         from sim import results, scenario as scenario_mod, workload
+        from sim.files import check_replaceable
         from sim.simulator import simulate
 
         started = time.perf_counter()
-        scenario = scenario_mod.load(args.scenario, args.set)
-        if args.seed is not None:
-            scenario = replace(scenario, seed=args.seed)
+        # --seed is `--set seed=N`, so the scenario's own checks judge it
+        scenario = scenario_mod.load(args.scenario, args.set + ([] if args.seed is None else [f"seed={args.seed}"]))
         profile = load_profile(scenario.deployment.profile)
+        out = args.out or Path("results") / scenario.name
+        check_replaceable(out)
         trace = workload.generate(scenario.workload, scenario.seed)
         bar = tqdm(total=len(trace), unit="req", disable=args.quiet or not sys.stderr.isatty(), leave=False)
         run_ = simulate(scenario, profile, trace, progress=lambda done: bar.update(done - bar.n))
         bar.close()
         frame = results.requests_frame(run_.trace, run_.outcome)
         summary = results.summarise(run_, scenario, frame)
-        out = args.out or Path("results") / scenario.name
         results.write(out, run_, scenario, frame, summary, report=not args.no_report)
         wall = time.perf_counter() - started
         if args.json:

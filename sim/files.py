@@ -9,6 +9,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from sim.errors import InputError
+
+# Every results folder holds this file. A results folder is replaced whole, so only a folder that
+# holds it (or an empty one) is: `--out .` or `--out ~` must not delete what the user keeps there.
+MARK = ".servesim"
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -19,8 +25,12 @@ def _umask() -> int:
 def write_atomic(path: str | Path, text: str) -> None:
     """Write a text file by renaming a finished temporary file over it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    check_writable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise InputError(f"{path}: cannot write a file here: {e.strerror}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
@@ -31,15 +41,51 @@ def write_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def _check_ancestor(path: Path) -> None:
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"{ancestor}: not a folder; choose another --out")
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise InputError unless a file may be written at `path`. Commands that run for minutes
+    call it first, so a bad --out fails before the work rather than after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not a file; choose another --out")
+    _check_ancestor(path)
+
+
+def check_replaceable(path: str | Path) -> None:
+    """Raise InputError unless a results folder may be written at `path`: nothing there, an empty
+    folder, or a results folder written before. Commands call it before their work, too."""
+    path = Path(path)
+    if path.is_dir():
+        if any(path.iterdir()) and not (path / MARK).is_file():
+            raise InputError(f"{path}: a folder servesim did not write, and a results folder is replaced "
+                             "whole; choose another --out, or empty it")
+    elif path.exists() or path.is_symlink():
+        raise InputError(f"{path}: not a folder; choose another --out")
+    _check_ancestor(path)
+
+
 @contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it replaces `path` whole, on error it vanishes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    check_replaceable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    except OSError as e:
+        raise InputError(f"{path}: cannot write a results folder here: {e.strerror}") from None
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        (tmp / MARK).write_text("servesim results: the next run writing here replaces this folder whole\n",
+                                encoding="utf-8")
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
             os.replace(path, old / "x")

@@ -333,9 +333,11 @@ def main(argv=None) -> int:
 
     def run() -> int:
         from reports.capacity_report import write_capacity_report
-        from sim.files import atomic_folder
+        from sim.files import atomic_folder, check_replaceable
 
         plan = load_plan(args.plan, args.set)
+        out = args.out or Path("results") / f"plan-{plan.name}"
+        check_replaceable(out)
         if args.scheduler:
             from distributed import Client
 
@@ -351,7 +353,6 @@ def main(argv=None) -> int:
         front, rec = pareto(results), recommend(results, plan.target_rps)
         summary = {"plan": plan.name, "target_rps": plan.target_rps, "results": results,
                    "pareto": front, "recommendation": rec}
-        out = args.out or Path("results") / f"plan-{plan.name}"
         with atomic_folder(out) as tmp:
             (tmp / "plan.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
             write_capacity_report(summary, tmp / "report.html")

@@ -114,6 +114,39 @@ def test_azure_layout_trace_is_read(tmp_path):
     assert trace.prompt_tokens.tolist() == [374, 396]
 
 
+def test_a_results_folder_replaces_only_a_results_folder(tmp_path):
+    """A results folder is replaced whole, so `--out` may name nothing, an empty folder or a folder
+    a command wrote before; a folder holding anything else (`--out .`), or a file, is refused up
+    front and left as it was."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for out, named, message in ((kept, kept, "a folder servesim did not write"), (afile, afile, "not a folder"),
+                                (afile / "sub", afile, "not a folder")):
+        assert_one_line_error(run("sim.cli", "scenarios/bursty.yaml", "--out", str(out), "--quiet"), str(named), message)
+    assert (kept / "notes.txt").read_text() == "mine" and afile.read_text() == "mine"
+    assert_one_line_error(run("calibration.validate", "scenarios/validation/steady.yaml", "--out", str(kept)),
+                          str(kept), "a folder servesim did not write")
+    assert_one_line_error(run("profiler.cli", "--device", "cpu", "--quick", "--out", str(kept)),
+                          str(kept), "a folder, not a file")
+    out = tmp_path / "results"
+    for _ in range(2):  # the second run replaces the first's folder
+        proc = run("sim.cli", "scenarios/bursty.yaml", "--out", str(out), "--quiet", "--no-report")
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (("sim.cli", "scenarios/bursty.yaml", "--seed", "-1"), "seed: must be >= 0"),
+    (("calibration.validate", "scenarios/validation/steady.yaml", "--requests", "0"), "--requests: must be at least 1"),
+    (("calibration.validate", "scenarios/validation/steady.yaml", "--requests", "-3"), "--requests: must be at least 1"),
+])
+def test_bad_command_line_values_fail_with_one_clear_line(tmp_path, args, message):
+    assert_one_line_error(run(*args, "--out", str(tmp_path / "out")), message)
+    assert not (tmp_path / "out").exists()
+
+
 def test_profile_unknown_model_lists_the_known_ones():
     proc = run("profiler.cli", "--device", "cpu", "--model", "gpt5")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
