@@ -140,10 +140,7 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
             raw["slo"] = slo
         label = " ".join([hw_label] * bool(hw_label) + [_label(k, v) for k, v in zip((k for k, _ in axes), combo)])
         label = label or "base"
-        try:
-            scenario = scenario_mod.parse(raw, f"{file} [{label}]", base_path.parent)
-        except InputError as e:
-            raise InputError(f"configuration {label!r}: {e}") from None
+        scenario = scenario_mod.parse(raw, f"{file} [{label}]", base_path.parent)  # errors name the configuration
         if not scenario.slo:
             raise InputError(f"{file}: slo: the plan needs an SLO (here or in the base scenario)")
         key = str(scenario.deployment.profile)
@@ -323,7 +320,8 @@ def parse_args(argv):
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local processes (default: all cores)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="a Dask scheduler address: run the configurations there")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a plan value, e.g. --set target_rps=11")
+                   help="override a plan value, e.g. --set target_rps=11, --set 'search.deployment.replicas=[1, 2]', "
+                        "--set hardware.0.usd_per_gpu_hour=2.5")
     p.add_argument("--out", type=Path, help="results folder (default: results/plan-<name>)")
     return p.parse_args(argv)
 

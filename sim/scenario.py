@@ -299,13 +299,24 @@ def apply_overrides(data: Any, overrides: list[str], file: str) -> Any:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             raise InputError(f"--set {item!r}: the value is not valid YAML") from None
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node, dict) or not isinstance(node.get(part, {}), dict):
-                raise InputError(f"{file}: --set {key}: {part!r} is not a mapping")
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        node, parts = data, key.split(".")
+        # A mapping may hold a dotted key of its own (a plan's `search: {deployment.replicas: ...}`),
+        # and a list is indexed by number (`hardware.0.usd_per_gpu_hour`).
+        while len(parts) > 1 and not (isinstance(node, dict) and ".".join(parts) in node):
+            part = parts.pop(0)
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and isinstance(node.get(part, {}), (dict, list)):
+                node = node.setdefault(part, {})
+            else:
+                raise InputError(f"{file}: --set {key}: {part!r} is not a mapping or an index into a list")
+        last = ".".join(parts)
+        if isinstance(node, list):
+            if not (last.isdigit() and int(last) < len(node)):
+                raise InputError(f"{file}: --set {key}: {last!r} is not an index into its list")
+            node[int(last)] = value
+        else:
+            node[last] = value
     return data
 
 

@@ -77,6 +77,20 @@ def test_bad_plans_fail_clearly(tmp_path, write_profile, plan, message):
     assert message in proc.stderr
 
 
+def test_set_reaches_a_plans_dotted_search_keys_and_its_list_entries():
+    """`--set` addresses what a plan holds: a search key that is itself dotted, an entry of a list."""
+    from sim.errors import InputError
+    from sim.scenario import apply_overrides
+
+    plan = {"search": {"deployment.replicas": [1, 2, 4]}, "hardware": [{"usd_per_gpu_hour": 1.0}]}
+    apply_overrides(plan, ["search.deployment.replicas=[8]", "hardware.0.usd_per_gpu_hour=2.5",
+                           "slo.ttft.max_s=0.5"], "plan.yaml")
+    assert plan == {"search": {"deployment.replicas": [8]}, "hardware": [{"usd_per_gpu_hour": 2.5}],
+                    "slo": {"ttft": {"max_s": 0.5}}}
+    with pytest.raises(InputError, match="'3' is not a mapping or an index into a list"):
+        apply_overrides(plan, ["hardware.3.usd_per_gpu_hour=1"], "plan.yaml")
+
+
 def test_a_real_local_dask_cluster_gives_the_same_answers(tmp_path, write_profile):
     distributed = pytest.importorskip("distributed")
     profile = write_profile(prefill=lambda b, p: 0.1)
