@@ -23,14 +23,17 @@ def _ms(v) -> str:
 
 
 def _read(folder: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    try:
-        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-        frames = [pd.read_csv(folder / name, keep_default_na=False, na_values=[""])
-                  for name in ("requests.csv", "timeseries.csv", "autoscaler.csv", "batch_sizes.csv")]
-    except FileNotFoundError as e:
-        raise InputError(f"{folder}: not a servesim results folder: {Path(e.filename).name} is missing") from None
-    except (json.JSONDecodeError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise InputError(f"{folder}: corrupt results: {e}") from None
+    def read(name: str, parse):
+        try:
+            return parse(folder / name)
+        except FileNotFoundError:
+            raise InputError(f"{folder}: not a servesim results folder: {name} is missing") from None
+        except (json.JSONDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise InputError(f"{folder / name}: corrupt: {e}") from None
+
+    summary = read("summary.json", lambda path: json.loads(path.read_text(encoding="utf-8")))
+    frames = [read(name, lambda path: pd.read_csv(path, keep_default_na=False, na_values=[""]))
+              for name in ("requests.csv", "timeseries.csv", "autoscaler.csv", "batch_sizes.csv")]
     return (summary, *frames)
 
 

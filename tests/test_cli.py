@@ -147,6 +147,19 @@ def test_bad_command_line_values_fail_with_one_clear_line(tmp_path, args, messag
     assert not (tmp_path / "out").exists()
 
 
+def test_report_names_the_results_file_that_is_missing_or_corrupt(tmp_path):
+    out = tmp_path / "run"
+    proc = run("sim.cli", "scenarios/steady.yaml", "--out", str(out), "--quiet", "--no-report")
+    assert proc.returncode == 0, proc.stderr
+    good = {name: (out / name).read_bytes() for name in ("summary.json", "timeseries.csv")}
+    for name, text, message in (("summary.json", "{bad", "corrupt"), ("timeseries.csv", "", "corrupt")):
+        (out / name).write_text(text)
+        assert_one_line_error(run("reports.cli", str(out)), str(out / name), message)
+        (out / name).write_bytes(good[name])
+    (out / "requests.csv").unlink()
+    assert_one_line_error(run("reports.cli", str(out)), "requests.csv is missing")
+
+
 def test_profile_unknown_model_lists_the_known_ones():
     proc = run("profiler.cli", "--device", "cpu", "--model", "gpt5")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
