@@ -133,7 +133,8 @@ def test_a_results_folder_replaces_only_a_results_folder(tmp_path):
                           str(kept), "a folder, not a file")
     out = tmp_path / "results"
     for _ in range(2):  # the second run replaces the first's folder
-        proc = run("sim.cli", "scenarios/bursty.yaml", "--out", str(out), "--quiet", "--no-report")
+        proc = run("sim.cli", "scenarios/bursty.yaml", "--out", str(out), "--quiet", "--no-report",
+                   "--set", "workload.num_requests=50")
         assert proc.returncode == 0, proc.stderr
 
 
