@@ -125,7 +125,8 @@ def test_a_results_folder_replaces_only_a_results_folder(tmp_path):
     afile.write_text("mine")
     for out, named, message in ((kept, kept, "a folder servesim did not write"), (afile, afile, "not a folder"),
                                 (afile / "sub", afile, "not a folder")):
-        assert_one_line_error(run("sim.cli", "scenarios/bursty.yaml", "--out", str(out), "--quiet"), str(named), message)
+        proc = run("sim.cli", "scenarios/bursty.yaml", "--out", str(out), "--quiet")
+        assert_one_line_error(proc, str(named), message)
     assert (kept / "notes.txt").read_text() == "mine" and afile.read_text() == "mine"
     assert_one_line_error(run("calibration.validate", "scenarios/validation/steady.yaml", "--out", str(kept)),
                           str(kept), "a folder servesim did not write")
@@ -136,6 +137,7 @@ def test_a_results_folder_replaces_only_a_results_folder(tmp_path):
         proc = run("sim.cli", "scenarios/bursty.yaml", "--out", str(out), "--quiet", "--no-report",
                    "--set", "workload.num_requests=50")
         assert proc.returncode == 0, proc.stderr
+        assert (out / ".servesim").is_file()
 
 
 @pytest.mark.parametrize("args,message", [
