@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.compare import LABELS, compare, percentiles, summary
 from calibration.paged_steps import PagedStepModel
 from calibration.profile import load as load_profile
-from calibration.validate import LABELS, check_one_engine, compare, percentiles, summary
+from calibration.validate import check_one_engine
 from profiler.hf_engine import EngineConfig, EngineSteps, HFEngine
 from sim import scenario as scenario_mod, workload
 from sim.cli_util import run_command

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from calibration.validate import LABELS, summary
+from calibration.compare import LABELS, summary
 from sim.cli_util import run_command
 from sim.errors import InputError
 

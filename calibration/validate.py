@@ -11,43 +11,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import textwrap
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
 
+from calibration.compare import MEANINGS, compare, percentiles, table
 from profiler.cli import add_threads_argument, device_info, pick_device, profile_record
 from sim.cli_util import run_command
 from sim.errors import InputError
 
-METRICS = ("ttft_s", "tpot_s", "e2e_s")
-QUANTILES = (50, 90, 99)
-TARGETED = ("ttft_s.p50", "ttft_s.p90", "e2e_s.p50", "e2e_s.p90")  # the figures the 10% target covers
-# The figures a validation table shows, and their column labels.
-LABELS = {"ttft_s.p50": "TTFT p50", "ttft_s.p90": "TTFT p90", "e2e_s.p50": "E2E p50", "e2e_s.p90": "E2E p90",
-          "tpot_s.p50": "TPOT p50", "throughput_rps": "throughput"}
-# What each simulation of a case is, for the printed table and the HTML report.
-MEANINGS = (
-    ("simulated", "priced by the profile swept before, between and after the live runs (the prediction)."),
-    ("at run speed", "the same, with prefill and decode times scaled by how fast the device ran the live runs' "
-                     "prefill and decode passes, which takes the device's drift out and leaves the simulator's "
-                     "own error."),
-    ("scenario's profile", "the same simulation priced by the profile the scenario names, as it was measured, "
-                           "not swept around the runs: how well a profile taken earlier predicts today's device."),
-)
-# The summary's last line: how far the live runs' own noise alone leaves a perfect simulation.
-NOISE_LABEL = "a perfect simulation, against the runs' noise"
-NOISE_MEANING = ("how many figures a simulation predicting exactly what a run gives on average would put within "
-                 "10% of the mean of these live runs, drawn from their own spread (with two runs, as half "
-                 "their difference): as many as these runs' noise allows, before the device's drift between "
-                 "the sweeps and the runs.")
-# What every line of a validation's text and report means, in the order they are printed.
-LEGEND = (*MEANINGS, (NOISE_LABEL, NOISE_MEANING))
+if TYPE_CHECKING:  # torch-side types, named for the reader; validate imports torch only to run
+    from calibration.profile import Profile
+    from profiler.live_engine import LiveEngine
+    from profiler.measure import Bench, GridSamples
+    from sim.scenario import Scenario
+    from sim.workload import Trace
 
 EPILOG = """
 examples:
@@ -102,34 +85,6 @@ def check_scenario(scenario, profile, device_type: str):
     # The live engine keeps a padded cache: simulate the engine that is really running.
     batching = replace(dep.batching, kv_layout="padded")
     return replace(scenario, deployment=replace(dep, batching=batching))
-
-
-def percentiles(frame) -> dict:
-    out = {}
-    for m in METRICS:
-        v = frame[m].dropna().to_numpy()
-        out[m] = {f"p{q}": float(np.percentile(v, q)) if len(v) else None for q in QUANTILES}
-    done = frame["finished_at"].dropna()
-    out["throughput_rps"] = len(done) / float(done.max() - frame["arrived_at"].min())
-    return out
-
-
-def rel(a, b):
-    return None if a is None or b is None or b == 0 else (a - b) / b
-
-
-def compare(live: list[dict], sim: dict) -> dict:
-    """Simulated vs the mean of the live runs, with the live runs' spread as the noise floor."""
-    rows = {}
-    keys = [(m, f"p{q}") for m in METRICS for q in QUANTILES] + [("throughput_rps", None)]
-    for metric, q in keys:
-        pick = (lambda d: d[metric][q]) if q else (lambda d: d[metric])
-        lives = [pick(d) for d in live]
-        mean = float(np.mean(lives)) if None not in lives else None
-        noise = (max(lives) - min(lives)) / mean if mean and len(lives) > 1 else None
-        rows[f"{metric}.{q}" if q else metric] = {"live": lives, "live_mean": mean, "sim": pick(sim),
-                                                  "error": rel(pick(sim), mean), "noise": noise}
-    return rows
 
 
 def steps_frame(runs, cost) -> pd.DataFrame:
@@ -241,25 +196,190 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+@dataclass
+class Rig:
+    """What every load of one validation shares: the scenario and its requests at its own rate,
+    the live engine, the bench that sweeps the scenario's profile grid around the runs, and what
+    a profile file records beside the sweeps' times."""
+    scenario: Scenario
+    profile: Profile  # the one the scenario names, as measured: the third simulation's price
+    base: Trace  # each load offers these requests, their arrivals scaled
+    engine: LiveEngine
+    bench: Bench
+    wake: dict
+    peaks: dict
+    info: dict
+    model_load_s: float
+    log: Callable[..., None]
+
+
+@dataclass
+class Load:
+    """One load's outcome: its case in validation.json, its rows of requests.csv and steps.csv,
+    and the profile its sweeps pooled."""
+    case: dict
+    requests: pd.DataFrame
+    steps: pd.DataFrame
+    profile: dict
+
+
+def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: int, log) -> Rig:
+    """The model in the profile's serving regime, warmed up, and a bench for the scenario's grid."""
+    from profiler.live_engine import LiveEngine, build_for_profile
+    from profiler.measure import Bench, ModeSpec, device_peaks, freeze_heap, serving_regime
+    from sim import workload
+
+    serving_regime(device, threads)  # the regime `profile` measured in
+    log(f"building {profile.model_name} ({scenario.deployment.mode}) on {device} ...")
+    start = time.perf_counter()
+    model = build_for_profile(profile, scenario.deployment.mode, device)
+    model_load_s = time.perf_counter() - start
+    engine = LiveEngine(model, device)
+    engine.warm_up()
+    freeze_heap()
+    base = workload.generate(scenario.workload, scenario.seed)
+    mode = ModeSpec.parse(scenario.deployment.mode)
+    bench = Bench(model, device, mode, replace(scenario_grid(scenario, base), passes=runs + 1))
+    wake = bench.wake_penalty()
+    log(f"first pass after {wake['gap_s'][-1] * 1e3:g} ms idle: {wake['extra_s'][-1] * 1e3:.2f} ms slower")
+    peaks = device_peaks(device, [mode.dtype])
+    info = device_info(device) | {"copy_bytes_per_s": peaks["copy_bytes_per_s"]}
+    return Rig(scenario, profile, base, engine, bench, wake, peaks, info, model_load_s, log)
+
+
+def sweep(rig: Rig, samples: GridSamples) -> None:
+    rig.log(f"  sweeping the profile grid ({samples.points()} points, a calibration flood after each column) ...")
+    samples.sweep()
+
+
+def profile_file(rig: Rig, samples: GridSamples) -> dict:
+    """The profile file of the sweeps so far, as `profile` would write it."""
+    from profiler.measure import mode_record
+
+    bench = rig.bench
+    modes = {bench.mode.name: mode_record(bench, samples.summary(), rig.peaks["matmul_flops"].get(bench.mode.dtype),
+                                          wake=rig.wake)}
+    return profile_record(bench.model, rig.profile.model_name, rig.model_load_s, rig.info, modes, bench.spec,
+                          f"{rig.profile.name}-validate", "validate: swept before, between and after the live runs")
+
+
+def run_load(rig: Rig, load: float | None, runs: int, around: float | None) -> tuple[Load, float]:
+    """Live runs of the scenario's requests at `load` of saturation (None: the scenario's own
+    rate), a sweep of the profile grid before each and after the last, and three simulations
+    of the same requests. `around` is the saturation the sweeps around the previous load priced;
+    returns this load's, for the next."""
+    from calibration.cost_model import CostModel
+    from calibration.profile import parse as parse_profile
+    from profiler.live_engine import run_live
+    from profiler.measure import GridSamples
+    from sim import workload
+    from sim.results import requests_frame
+    from sim.simulator import kv_capacity_per_worker, make_scheduler, saturation_rps, simulate
+
+    scenario, mode = rig.scenario, rig.bench.mode.name
+    # The device's speed drifts (on a shared VM by tens of percent over a minute), so the
+    # simulation is priced by a profile of the scenario's shapes swept before, between and after
+    # the live runs: the profile and the live runs see the same device.
+    samples = GridSamples(rig.bench, rig.bench.spec)
+    sweep(rig, samples)
+    before = parse_profile(profile_file(rig, samples), "in-process profile")
+    kv_capacity = kv_capacity_per_worker(scenario, before)
+    # A load is a fraction of the saturation as the device runs now: found from the sweep just
+    # before the live runs (found once for all loads from a sweep minutes earlier, "90%" ran at
+    # 85-110% of what the runs' own sweeps priced, matrix to matrix). One sweep prices it only to
+    # a few percent (five in a row: 1.33-1.46 req/s), so after the first load it is the geometric
+    # mean of that sweep's and the previous load's pooled sweeps': over 154 stored loads, 5.7%
+    # from what the sweeps around the runs priced (SD), against 6.7% from the one sweep (NOTES,
+    # "Each load's saturation").
+    capacity = None if load is None else saturation_rps(scenario, before, rig.base)
+    if capacity is not None and around is not None:
+        capacity = math.sqrt(capacity * around)
+    factor = 1.0 if load is None else load * capacity / workload.offered_rate(rig.base)
+    trace = workload.generate(workload.scale_rate(scenario.workload, factor), scenario.seed)
+    label = "as given" if load is None else f"{load:.0%}"
+    live_stats, live_frames, live_runs = [], [], []
+    for i in range(runs):
+        rig.log(f"load {label}: live run {i + 1}/{runs} of {len(trace)} requests "
+                f"({workload.offered_rate(trace):.2f} req/s) ...")
+        start = time.perf_counter()
+        live_runs.append(run_live(rig.engine, make_scheduler(scenario, kv_capacity), trace))
+        live_frames.append(requests_frame(trace, live_runs[-1].outcome))
+        live_stats.append(percentiles(live_frames[-1]))
+        rig.log(f"  took {time.perf_counter() - start:.1f} s")
+        sweep(rig, samples)
+    raw = profile_file(rig, samples)
+    fresh = parse_profile(raw, "in-process profile")
+    steps = steps_frame(live_runs, CostModel.of(fresh, fresh.modes[mode]))
+    by_run = [run for _, run in steps.groupby("run", sort=False)]
+    by_kind = device_speed_by_kind(steps)
+    at_speed = parse_profile(scaled(raw, mode, by_kind), "in-process profile")
+    sim_frames = {key: requests_frame(trace, simulate(scenario, p, trace).outcome)
+                  for key, p in (("sim", fresh), ("sim_at_run_speed", at_speed), ("sim_shipped", rig.profile))}
+    sims = {key: percentiles(frame) for key, frame in sim_frames.items()}
+    # The load the runs really met: the offered rate over the saturation priced by the sweeps
+    # around them, the profile that prices the simulation.
+    around = saturation_rps(scenario, fresh, rig.base)
+    case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
+            "saturation_rps": capacity, "realized_load": workload.offered_rate(trace) / around,
+            "device_speed": device_speed(steps), "device_speed_per_run": [device_speed(run) for run in by_run],
+            "device_speed_by_kind": by_kind,
+            "sweep_levels": samples.sweep_levels(),
+            "device_speed_by_pass": device_speed_by_pass(steps),
+            "engine_overhead_s": {"profile": float(steps.priced_overhead_s.mean()),
+                                  "live": [float(run.overhead_s.mean()) for run in by_run]},
+            "live": live_stats, **sims}
+    for key in sims:
+        case[key.replace("sim", "comparison")] = compare(live_stats, case[key])
+    sources = [(f"live {k}", frame) for k, frame in enumerate(live_frames, 1)]
+    sources += [(name, sim_frames[key]) for key, (name, _) in zip(sim_frames, MEANINGS)]
+    requests = pd.concat([frame.assign(load=label, run=name)[["load", "run", *frame.columns]]
+                          for name, frame in sources])
+    steps = steps.assign(load=label)[["load", *steps.columns]]  # steps_frame puts `run` first
+    return Load(case, requests, steps, raw), around
+
+
+def write(out: Path, result: dict, loads: list[Load]) -> None:
+    """The folder as of the loads done so far, replaced whole after each load: a run cut short
+    (a GPU lease's call limit, a lost terminal) keeps its finished loads."""
+    from reports.validation_report import write_validation_report
+    from sim.files import atomic_folder
+
+    with atomic_folder(out) as tmp:
+        (tmp / "validation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        requests = pd.concat([load.requests for load in loads], ignore_index=True)
+        steps = pd.concat([load.steps for load in loads], ignore_index=True)
+        requests.to_csv(tmp / "requests.csv", index=False)
+        steps.to_csv(tmp / "steps.csv", index=False)
+        for load in loads:
+            label = load.case["load"]
+            name = "profile.json" if label == "as given" else f"profile-{label.rstrip('%')}.json"
+            (tmp / name).write_text(json.dumps(load.profile, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        write_validation_report(result, requests, steps, tmp / "report.html")
+
+
+def parse_loads(text: str | None) -> list[float | None]:
+    if text is None:
+        return [None]
+    try:
+        loads = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise InputError(f"--loads: expected numbers like 0.3,0.6,0.9, got {text!r}") from None
+    if not all(0 < x <= 2 for x in loads):
+        raise InputError("--loads: each load must be a fraction of saturation in (0, 2]")
+    return loads
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
-        from calibration.cost_model import CostModel
         from calibration.profile import load as load_profile
-        from sim import scenario as scenario_mod, workload
-        from sim.files import atomic_folder, check_replaceable
-        from sim.results import requests_frame
-        from sim.simulator import kv_capacity_per_worker, make_scheduler, saturation_rps, simulate
+        from sim import scenario as scenario_mod
+        from sim.files import check_replaceable
 
         if args.runs < 1:
             raise InputError("--runs: must be at least 1")
-        try:
-            loads = [float(x) for x in args.loads.split(",")] if args.loads else [None]
-        except ValueError:
-            raise InputError(f"--loads: expected numbers like 0.3,0.6,0.9, got {args.loads!r}") from None
-        if any(x is not None and not 0 < x <= 2 for x in loads):
-            raise InputError("--loads: each load must be a fraction of saturation in (0, 2]")
+        loads = parse_loads(args.loads)
         if args.requests is not None and args.requests < 1:
             raise InputError("--requests: must be at least 1")
         scenario = scenario_mod.load(args.scenario, args.set)
@@ -270,209 +390,27 @@ def main(argv=None) -> int:
         profile = load_profile(scenario.deployment.profile)
         device = pick_device(argparse.Namespace(gpu=args.gpu, device=args.device))
         scenario = check_scenario(scenario, profile, device.type)
-        import torch
-
-        from profiler.measure import freeze_heap, serving_regime
-
-        serving_regime(device, args.threads)  # the regime `profile` measured in
-
-        from profiler.live_engine import LiveEngine, build_for_profile, run_live
-
         log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-        log(f"building {profile.model_name} ({scenario.deployment.mode}) on {device} ...")
-        load_start = time.perf_counter()
-        model = build_for_profile(profile, scenario.deployment.mode, device)
-        model_load_s = time.perf_counter() - load_start
-        engine = LiveEngine(model, device)
-        engine.warm_up()
-        freeze_heap()
-        base = workload.generate(scenario.workload, scenario.seed)
-        # The device's speed drifts (on a shared VM by tens of percent over a minute), so each
-        # load's simulation is priced by a profile of the scenario's shapes swept before, between
-        # and after its live runs: the profile and the live runs see the same device. The shipped
-        # profile's prediction is kept beside it in validation.json.
-        from calibration.profile import parse as parse_profile
-        from profiler.measure import Bench, GridSamples, ModeSpec, device_peaks, mode_record
-
-        mode_spec = ModeSpec.parse(scenario.deployment.mode)
-        grid = replace(scenario_grid(scenario, base), passes=args.runs + 1)
-        bench = Bench(model, device, mode_spec, grid)
-        wake = bench.wake_penalty()
-        log(f"first pass after {wake['gap_s'][-1] * 1e3:g} ms idle: {wake['extra_s'][-1] * 1e3:.2f} ms slower")
-        peaks = device_peaks(device, [mode_spec.dtype])
-        info = device_info(device) | {"copy_bytes_per_s": peaks["copy_bytes_per_s"]}
-
-        def profile_of(samples: GridSamples) -> tuple[dict, object]:
-            modes = {mode_spec.name: mode_record(bench, samples.summary(), peaks["matmul_flops"].get(mode_spec.dtype),
-                                                 wake=wake)}
-            raw = profile_record(model, profile.model_name, model_load_s, info, modes, grid,
-                                 f"{profile.name}-validate", "validate: swept before, between and after the live runs")
-            return raw, parse_profile(raw, "in-process profile")
-
-        def swept(samples: GridSamples) -> GridSamples:
-            log(f"  sweeping the profile grid ({samples.points()} points, a calibration flood after each column) ...")
-            samples.sweep()
-            return samples
-
-        cases, profiles = [], {}
-        requests, live_steps = [], []  # per load: every request of every run, every live step
+        rig = build_rig(scenario, profile, device, args.threads, args.runs, log)
+        done: list[Load] = []
         result = {
             "scenario": scenario.name, "policy": scenario.deployment.batching.policy,
             "profile": profile.name, "mode": scenario.deployment.mode, "device": str(device),
-            "torch": torch.__version__, "runs": args.runs,
-            "command": "validate " + " ".join(sys.argv[1:] if argv is None else argv), "cases": cases,
+            "torch": rig.info["torch"], "runs": args.runs,
+            "command": "validate " + " ".join(sys.argv[1:] if argv is None else argv), "cases": [],
         }
-        from reports.validation_report import write_validation_report
-
-        def save() -> None:
-            """The folder as of the loads done so far, replaced whole after each load: a run cut
-            short (a GPU lease's call limit, a lost terminal) keeps its finished loads."""
-            with atomic_folder(out) as tmp:
-                (tmp / "validation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-                tidy = {name: pd.concat(parts, ignore_index=True)
-                        for name, parts in (("requests.csv", requests), ("steps.csv", live_steps))}
-                for name, frame in tidy.items():
-                    frame.to_csv(tmp / name, index=False)
-                for label, raw in profiles.items():
-                    name = "profile.json" if label == "as given" else f"profile-{label.rstrip('%')}.json"
-                    (tmp / name).write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-                write_validation_report(result, tidy["requests.csv"], tidy["steps.csv"], tmp / "report.html")
-
         around = None  # the saturation the sweeps around the last load's runs priced, once one ran
         for load in loads:
-            # A load is a fraction of the saturation as the device runs now: found from the sweep
-            # just before this load's live runs (found once for all loads from a sweep minutes
-            # earlier, "90%" ran at 85-110% of what the runs' own sweeps priced, matrix to matrix).
-            # One sweep prices it only to a few percent (five in a row: 1.33-1.46 req/s), so after
-            # the first load it is the geometric mean of that sweep's and the previous load's
-            # pooled sweeps': over 154 stored loads, 5.7% from what the sweeps around the runs
-            # priced (SD), against 6.7% from the one sweep (NOTES, "Each load's saturation").
-            samples = swept(GridSamples(bench, grid))
-            _, before = profile_of(samples)
-            kv_capacity = kv_capacity_per_worker(scenario, before)
-            capacity = None if load is None else saturation_rps(scenario, before, base)
-            if capacity is not None and around is not None:
-                capacity = math.sqrt(capacity * around)
-            factor = 1.0 if load is None else load * capacity / workload.offered_rate(base)
-            trace = workload.generate(workload.scale_rate(scenario.workload, factor), scenario.seed)
-            label = "as given" if load is None else f"{load:.0%}"
-            live_stats, live_frames, live_runs = [], [], []
-            for i in range(args.runs):
-                log(f"load {label}: live run {i + 1}/{args.runs} of {len(trace)} requests "
-                    f"({workload.offered_rate(trace):.2f} req/s) ...")
-                t0 = time.perf_counter()
-                live_runs.append(run_live(engine, make_scheduler(scenario, kv_capacity), trace))
-                live_frames.append(requests_frame(trace, live_runs[-1].outcome))
-                live_stats.append(percentiles(live_frames[-1]))
-                log(f"  took {time.perf_counter() - t0:.1f} s")
-                swept(samples)
-            profiles[label], fresh = profile_of(samples)
-            cost = CostModel.of(fresh, fresh.modes[mode_spec.name])
-            steps = steps_frame(live_runs, cost)
-            speed = device_speed(steps)
-            by_run = [run for _, run in steps.groupby("run", sort=False)]
-            by_kind = device_speed_by_kind(steps)
-            at_speed = parse_profile(scaled(profiles[label], mode_spec.name, by_kind), "in-process profile")
-            sim_frames = {key: requests_frame(trace, simulate(scenario, p, trace).outcome)
-                          for key, p in (("sim", fresh), ("sim_at_run_speed", at_speed), ("sim_shipped", profile))}
-            sims = {key: percentiles(frame) for key, frame in sim_frames.items()}
-            # The load the runs really met: the offered rate over the saturation priced by the
-            # sweeps around them, the profile that prices the simulation.
-            around = saturation_rps(scenario, fresh, base)
-            realized = workload.offered_rate(trace) / around
-            case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
-                    "saturation_rps": capacity, "realized_load": realized,
-                    "device_speed": speed, "device_speed_per_run": [device_speed(run) for run in by_run],
-                    "device_speed_by_kind": by_kind,
-                    "sweep_levels": samples.sweep_levels(),
-                    "device_speed_by_pass": device_speed_by_pass(steps),
-                    "engine_overhead_s": {"profile": float(steps.priced_overhead_s.mean()),
-                                          "live": [float(run.overhead_s.mean()) for run in by_run]},
-                    "live": live_stats, **sims}
-            for key in sims:
-                case[key.replace("sim", "comparison")] = compare(live_stats, case[key])
-            cases.append(case)
-            sources = [(f"live {k}", frame) for k, frame in enumerate(live_frames, 1)]
-            sources += [(name, sim_frames[key]) for key, (name, _) in zip(sim_frames, MEANINGS)]
-            requests.append(pd.concat([frame.assign(load=label, run=name)[["load", "run", *frame.columns]]
-                                       for name, frame in sources]))
-            live_steps.append(steps.assign(load=label)[["load", *steps.columns]])  # steps_frame puts `run` first
-            save()
-            log(f"  wrote {out} ({len(cases)} of {len(loads)} loads)")
+            finished, around = run_load(rig, load, args.runs, around)
+            done.append(finished)
+            result["cases"].append(finished.case)
+            write(out, result, done)
+            log(f"  wrote {out} ({len(done)} of {len(loads)} loads)")
         print(table(result))
         print(f"\nwrote {out}/validation.json and {out}/report.html")
         return 0
 
     return run_command(run)
-
-
-def noise_error(lives: list[float]) -> float:
-    """An error drawn as a perfect simulation's would be, from the live runs' own spread.
-
-    A perfect simulation predicts the figure a run gives on average; its error against the mean
-    of n runs, each off by its own noise, is that mean's noise: spread sigma / sqrt(n). The
-    contrast k * (run 1 - the mean of the others), k = sqrt(n - 1) / n, has that same spread and
-    no average (1/2 * (run 1 - run 2) for two runs), so it is one draw of that error: counted
-    over a matrix, how many figures the runs' noise alone leaves within 10%. It knows nothing of
-    the device's level drifting between the sweeps and the runs, which the prediction also pays."""
-    n = len(lives)
-    contrast = math.sqrt(n - 1) / n * (lives[0] - sum(lives[1:]) / (n - 1))
-    return contrast / (sum(lives) / n)
-
-
-def summary(cases: list[dict]) -> list[str]:
-    """How many targeted figures the prediction, the same at run speed, and the scenario's own
-    profile put within 10%, and as many as the live runs' own noise would leave a perfect one."""
-    lines = []
-
-    def line(label: str, errors: list[float]) -> None:
-        lines.append(f"{label}: TTFT/E2E p50/p90 within 10%: {sum(e <= 0.10 for e in errors)} of {len(errors)}; "
-                     f"median |error| {statistics.median(errors):.0%}, max {max(errors):.0%}")
-
-    for label, which in (("prediction", "comparison"), ("at run speed", "comparison_at_run_speed"),
-                         ("scenario's profile", "comparison_shipped")):
-        if any(which not in case for case in cases):  # transformers' engine has no profile of its own
-            continue
-        line(label, [abs(case[which][key]["error"]) for case in cases for key in TARGETED])
-    figures = [case["comparison"][key]["live"] for case in cases for key in TARGETED]
-    if all(len(lives) > 1 for lives in figures):
-        line(NOISE_LABEL, [abs(noise_error(lives)) for lives in figures])
-    return lines
-
-
-def table(result: dict) -> str:
-    lines = [f"validation: {result['scenario']} ({result['policy']} batching, {result['profile']} / "
-             f"{result['mode']}, {result['device']})", "",
-             f"{'load':<9}{'metric':<16}{'live':>11}{'sim':>11}{'error':>9}{'live noise':>12}"
-             f"{'sim at run speed':>18}{'error':>9}"]
-    for case in result["cases"]:
-        for key, row in case["comparison"].items():
-            if key.endswith("p99"):
-                continue
-            at_speed = case["comparison_at_run_speed"][key]
-            unit = 1 if key == "throughput_rps" else 1000
-            fmt = (lambda v: "-" if v is None else f"{v * unit:,.1f}")
-            pct = (lambda v: "-" if v is None else f"{v:+.1%}")
-            label = key.replace("_s.", " ").replace("_rps", " req/s") + ("" if key == "throughput_rps" else " ms")
-            lines.append(f"{case['load']:<9}{label:<16}{fmt(row['live_mean']):>11}{fmt(row['sim']):>11}"
-                         f"{pct(row['error']):>9}{pct(row['noise']):>12}{fmt(at_speed['sim']):>18}"
-                         f"{pct(at_speed['error']):>9}")
-        lines.append(f"{case['load']:<9}offered {case['offered_rps']:.2f} req/s: {case['realized_load']:.0%} of the "
-                     "saturation priced by the sweeps around the runs")
-        overhead = case["engine_overhead_s"]
-        runs = ", ".join(f"{v:.3f}" for v in case["device_speed_per_run"])
-        sweeps = ", ".join(f"{v:.3f}" for v in case["sweep_levels"])
-        kinds = case["device_speed_by_kind"]
-        lines.append(f"{case['load']:<9}device ran {case['device_speed']:.3f}x the profile's forward times "
-                     f"(prefill {kinds['prefill']:.3f}x, decode {kinds['decode']:.3f}x; runs: {runs}; "
-                     f"the sweeps it pools ran {sweeps}x)")
-        lines.append(f"{case['load']:<9}engine overhead {overhead['profile'] * 1000:.2f} ms/step priced, "
-                     + ", ".join(f"{v * 1000:.2f}" for v in overhead["live"]) + " ms live")
-        lines.append(f"{case['load']:<9}by pass, live / priced (steps): " + ", ".join(
-            f"{g['pass']} {g['rows']} {g['speed']:.2f} ({g['steps']})" for g in case["device_speed_by_pass"]))
-    lines += ["", *summary(result["cases"]), "",
-              *(textwrap.fill(f"{name}: {meaning}", 100) for name, meaning in LEGEND)]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from calibration.validate import LEGEND, MEANINGS, summary
+from calibration.compare import LEGEND, MEANINGS, summary
 from reports.html import figure, page, table
 
 METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))

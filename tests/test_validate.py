@@ -133,7 +133,7 @@ def test_live_engine_runs_every_policy_and_forces_output_lengths():
 
 
 def test_summary_counts_the_targeted_figures_within_ten_percent():
-    from calibration.validate import NOISE_LABEL, TARGETED, summary
+    from calibration.compare import NOISE_LABEL, TARGETED, summary
 
     def case(errors, runs=(1.0, 1.0)):  # one error for every targeted figure, the rest ignored
         figures = {key: {"error": e, "live": list(runs)} for key, e in zip(TARGETED, errors)}
@@ -160,7 +160,7 @@ def test_the_noise_error_is_drawn_as_a_perfect_simulations_error_against_the_mea
     mean and the noise error drawn from the runs alone land within 10% equally often."""
     import numpy as np
 
-    from calibration.validate import noise_error
+    from calibration.compare import noise_error
 
     rng = np.random.default_rng(7)
     lives = 1.0 + 0.12 * rng.standard_normal((20_000, runs))
