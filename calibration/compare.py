@@ -36,6 +36,8 @@ LEGEND = (*MEANINGS, (NOISE_LABEL, NOISE_MEANING))
 
 
 def percentiles(frame) -> dict:
+    """One run's figures from its requests (a requests frame, live or simulated): TTFT, TPOT and
+    E2E at each quantile, and the requests finished per second from the first arrival."""
     out = {}
     for m in METRICS:
         v = frame[m].dropna().to_numpy()

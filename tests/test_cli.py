@@ -190,3 +190,19 @@ def test_a_mode_without_kv_cache_simulates_and_says_so(tmp_path):
                "--out", str(tmp_path / "o"))
     assert proc.returncode == 0, proc.stderr
     assert "no KV cache in this mode" in proc.stdout
+
+
+def test_simulate_report_and_the_figures_of_a_validation_need_no_torch(tmp_path):
+    """Nothing on the simulator's side imports torch or transformers (they are the profiler's and
+    the live engine's): `simulate` and `report` run with both unimportable, and so do the modules
+    that read a validation's figures and draw its report."""
+    blocked = "import sys; sys.modules.update(torch=None, transformers=None); "
+    out = tmp_path / "r"
+    for code in (f"from sim.cli import main; sys.exit(main(['scenarios/bursty.yaml', '--set', "
+                 f"'workload.num_requests=100', '--out', {str(out)!r}, '--quiet']))",
+                 f"from reports.cli import main; sys.exit(main([{str(out)!r}]))",
+                 "import calibration.compare, calibration.cost_model, reports.validation_report, sim.plan"):
+        proc = subprocess.run([sys.executable, "-c", blocked + code], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert (out / "report.html").is_file()
