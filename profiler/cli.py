@@ -172,16 +172,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
+        from profiler.models import lookup
+
+        # An unknown model or a bad --out fails in a second, before torch loads (seconds more).
+        model_spec = lookup(args.model)
+        if args.out:
+            check_writable(args.out)
+        import torch
+
         from profiler.measure import DTYPES, GRIDS, ModeSpec, freeze_heap, serving_regime
 
         try:
             modes = [ModeSpec.parse(m.strip()) for m in (args.modes or "").split(",") if m.strip()]
         except ValueError as e:
             raise InputError(f"--modes: {e}") from None
-        from profiler.models import lookup
-
-        model_spec = lookup(args.model)  # fail fast on an unknown model, before importing torch
-        import torch
 
         from calibration import profile as profile_file
         from calibration.cost_model import CostModel, EngineOverhead, held_out_errors
@@ -194,7 +198,7 @@ def main(argv=None) -> int:
         model_name = args.model if not isinstance(model_spec, Path) else model_spec.name
         name = f"{'cpu' if device.type == 'cpu' else slug(info['name'])}-{slug(model_name)}"
         out = args.out or profile_file.SHIPPED / f"{name}.json"
-        check_writable(out)
+        check_writable(out)  # the default path is known only now, from the device
         spec = GRIDS[device.type + ("-quick" if args.quick else "")]
 
         started = time.perf_counter()
