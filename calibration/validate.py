@@ -25,7 +25,7 @@ from profiler.cli import add_threads_argument, device_info, pick_device, profile
 from sim.cli_util import run_command
 from sim.errors import InputError
 
-if TYPE_CHECKING:  # torch-side types, named for the reader; validate imports torch only to run
+if TYPE_CHECKING:  # for the reader: at run time torch loads only after the input is checked
     from calibration.profile import Profile
     from profiler.live_engine import LiveEngine
     from profiler.measure import Bench, GridSamples
@@ -214,7 +214,7 @@ class Rig:
 
 
 @dataclass
-class Load:
+class LoadRecord:
     """One load's outcome: its case in validation.json, its rows of requests.csv and steps.csv,
     and the profile its sweeps pooled."""
     case: dict
@@ -263,7 +263,7 @@ def profile_file(rig: Rig, samples: GridSamples) -> dict:
                           f"{rig.profile.name}-validate", "validate: swept before, between and after the live runs")
 
 
-def run_load(rig: Rig, load: float | None, runs: int, around: float | None) -> tuple[Load, float]:
+def run_load(rig: Rig, load: float | None, runs: int, around: float | None) -> tuple[LoadRecord, float]:
     """Live runs of the scenario's requests at `load` of saturation (None: the scenario's own
     rate), a sweep of the profile grid before each and after the last, and three simulations
     of the same requests. `around` is the saturation the sweeps around the previous load priced;
@@ -335,10 +335,10 @@ def run_load(rig: Rig, load: float | None, runs: int, around: float | None) -> t
     requests = pd.concat([frame.assign(load=label, run=name)[["load", "run", *frame.columns]]
                           for name, frame in sources])
     steps = steps.assign(load=label)[["load", *steps.columns]]  # steps_frame puts `run` first
-    return Load(case, requests, steps, raw), around
+    return LoadRecord(case, requests, steps, raw), around
 
 
-def write(out: Path, result: dict, loads: list[Load]) -> None:
+def write(out: Path, result: dict, records: list[LoadRecord]) -> None:
     """The folder as of the loads done so far, replaced whole after each load: a run cut short
     (a GPU lease's call limit, a lost terminal) keeps its finished loads."""
     from reports.validation_report import write_validation_report
@@ -346,14 +346,14 @@ def write(out: Path, result: dict, loads: list[Load]) -> None:
 
     with atomic_folder(out) as tmp:
         (tmp / "validation.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        requests = pd.concat([load.requests for load in loads], ignore_index=True)
-        steps = pd.concat([load.steps for load in loads], ignore_index=True)
+        requests = pd.concat([record.requests for record in records], ignore_index=True)
+        steps = pd.concat([record.steps for record in records], ignore_index=True)
         requests.to_csv(tmp / "requests.csv", index=False)
         steps.to_csv(tmp / "steps.csv", index=False)
-        for load in loads:
-            label = load.case["load"]
+        for record in records:
+            label = record.case["load"]
             name = "profile.json" if label == "as given" else f"profile-{label.rstrip('%')}.json"
-            (tmp / name).write_text(json.dumps(load.profile, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            (tmp / name).write_text(json.dumps(record.profile, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         write_validation_report(result, requests, steps, tmp / "report.html")
 
 
@@ -392,7 +392,7 @@ def main(argv=None) -> int:
         scenario = check_scenario(scenario, profile, device.type)
         log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
         rig = build_rig(scenario, profile, device, args.threads, args.runs, log)
-        done: list[Load] = []
+        done: list[LoadRecord] = []
         result = {
             "scenario": scenario.name, "policy": scenario.deployment.batching.policy,
             "profile": profile.name, "mode": scenario.deployment.mode, "device": str(device),
