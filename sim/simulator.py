@@ -396,7 +396,16 @@ def simulate(scenario: Scenario, profile: Profile, trace: Trace, jump: bool = Tr
 
 def saturation_rps(scenario: Scenario, profile: Profile, trace: Trace, cost=None) -> float:
     """Served requests per second when the trace's requests all queue at once: the most the
-    deployment can serve of this request mix."""
+    deployment can serve of this request mix with every replica backlogged.
+
+    It sums each replica's own rate (its share over its time) rather than dividing all requests
+    by the last finish, which the unluckiest share sets: a finite-sample effect. On the steady
+    workload's long-tailed lengths, dynamic batching on 8 replicas finished its 2,000-request
+    flood between 229 s and 300 s; the last finish gave 6.67 req/s there and 7.44 on 20,000
+    requests, the sum 7.95 and 7.81.
+    """
     flood = Trace(np.zeros(len(trace)), trace.prompt_tokens, trace.output_tokens)
-    finished = simulate(scenario, profile, flood, cost=cost).outcome.finished_at
-    return float(np.isfinite(finished).sum() / np.nanmax(finished))
+    outcome = simulate(scenario, profile, flood, cost=cost).outcome
+    served = np.isfinite(outcome.finished_at)
+    finished, replica = outcome.finished_at[served], outcome.replica[served]
+    return float(sum((replica == r).sum() / finished[replica == r].max() for r in np.unique(replica)))

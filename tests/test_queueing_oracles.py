@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from calibration.profile import load as load_profile
 from conftest import base_scenario
 from helpers import run_scenario
+from sim import scenario as scenario_mod, workload
+from sim.simulator import saturation_rps
 
 
 def one_at_a_time(profile, rate, n, output_tokens):
@@ -54,3 +57,14 @@ def test_littles_law_holds_for_continuous_batching(write_profile, write_scenario
     horizon = t < frame["arrived_at"].max()
     lam = len(frame) / frame["arrived_at"].max()
     assert in_system[horizon].mean() == pytest.approx(lam * frame["e2e_s"].mean(), rel=0.05)
+
+
+def test_saturation_is_the_sum_of_the_replicas_rates_however_the_flood_is_shared(write_profile, write_scenario):
+    # Each request is one 0.1 s pass, so each of 2 replicas serves 10 req/s: 20 in all. Round-robin
+    # gives 3 flooded requests out 2 and 1; all three over the last finish (0.2 s) would say 15.
+    profile = write_profile(prefill=lambda b, p: 0.1)
+    s = one_at_a_time(profile, 1.0, 3, {"kind": "fixed", "value": 1})
+    s["deployment"] |= {"replicas": 2, "router": "round-robin"}
+    scenario = scenario_mod.load(write_scenario(s))
+    trace = workload.generate(scenario.workload, scenario.seed)
+    assert saturation_rps(scenario, load_profile(profile), trace) == pytest.approx(20)
