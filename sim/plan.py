@@ -38,6 +38,8 @@ a plan file:
   base: ../steady.yaml                  # scenario whose workload shape is kept
   target_rps: 12                        # omit to find each configuration's maximum
   max_replicas: 16                      # target mode: the largest deployment to try
+  num_requests: 20000                   # each simulation's length (default: the base's); an SLO's
+                                        # edge wants a long run: a short one starts empty
   slo: {ttft: {max_s: 1.0, percentile: 95}}        # default: the base scenario's
   search:                               # every combination is a configuration
     deployment.batching:
@@ -95,6 +97,7 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
         top.fail(f"cannot read the base scenario {str(base_path)!r}", "base")
     target = top.num("target_rps", None, positive=True)
     max_replicas = top.num("max_replicas", 16, integer=True, low=1)
+    num_requests = top.num("num_requests", None, integer=True, low=1)
     slo = top.raw("slo", None)
     search = top.section("search")
     axes: list[tuple[str, list]] = []
@@ -111,6 +114,8 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
         top.fail("must be a non-empty list of {profile, mode, usd_per_gpu_hour}", "hardware")
     name = top.str("name", path.stem)
     top.done()
+    if num_requests is not None:
+        scenario_mod.apply_overrides(base, [f"workload.num_requests={num_requests}"], file)
 
     entries = []
     for i, item in enumerate(hardware or [None]):
@@ -168,7 +173,7 @@ def _measure(config: Config, factor: float, replicas: int | None = None) -> dict
     run = simulate(scenario, config.profile, trace)
     frame = results.requests_frame(trace, run.outcome)
     s = results.summarise(run, scenario, frame)
-    return {"offered_rps": workload.offered_rate(trace), "replicas": deployment.replicas,
+    return {"requests": len(trace), "offered_rps": workload.offered_rate(trace), "replicas": deployment.replicas,
             "throughput_rps": s["throughput_rps"], "slo_met": s["slo_met"], "slo": s["slo"],
             "usd_per_million_output_tokens": s["usd_per_million_output_tokens"],
             "ttft_p95_s": s["ttft_s"]["p95"], "e2e_p95_s": s["e2e_s"]["p95"], "tpot_p95_s": s["tpot_s"]["p95"]}
@@ -197,7 +202,7 @@ def find_max_rate(config: Config) -> dict:
     until its longest member is done, so while its batches stay small it can hold a rate above
     its flood throughput. But a burst that fills its batches drops it to that throughput, below
     the offered rate, and its queue does not drain: the state is metastable. Dynamic batching on
-    8 replicas of the shipped profile (saturation 7.95 req/s) held Poisson 10 req/s for 20,000
+    8 replicas of the shipped profile (saturation 7.81 req/s) held Poisson 10 req/s for 20,000
     requests at 61% busy; with bursts at a mean of 8.4 req/s it fell to 7.7 req/s served, 96%
     busy, with a median TTFT of 175 s.
     """

@@ -55,6 +55,14 @@ def test_max_rate_scales_with_replicas_and_stays_below_saturation(tmp_path, writ
     assert one["at_max"]["slo_met"] and result["recommendation"]["config"] in {one["config"], two["config"]}
 
 
+def test_num_requests_sets_every_simulations_length(tmp_path, write_profile):
+    profile = write_profile(prefill=lambda b, p: 0.1)
+    path = write_plan(tmp_path, profile, {"num_requests": 50, "slo": {"e2e": {"max_s": 0.5, "percentile": 95}}})
+    proc, result = run_plan(path)
+    assert proc.returncode == 0, proc.stderr
+    assert {p["requests"] for p in result["results"][0]["curve"]} == {50}  # the base holds 400
+
+
 def test_unmeetable_slo_says_by_how_much(tmp_path, write_profile):
     profile = write_profile(prefill=lambda b, p: 0.1)
     path = write_plan(tmp_path, profile, {"slo": {"e2e": {"max_s": 0.05, "percentile": 95}}})
@@ -69,6 +77,7 @@ def test_unmeetable_slo_says_by_how_much(tmp_path, write_profile):
     ({"target_rps": 5, "search": {"deployment.replicas": [1, 2]}}, "searches replicas itself"),
     ({"hardware": [{"profile": "nope", "mode": "fp16", "usd_per_gpu_hour": 1}]}, "profile 'nope' not found"),
     ({"search": {"deployment.batching": [{"policy": "warp"}]}}, "'warp' is not one of"),
+    ({"num_requests": 0}, "num_requests: must be >= 1, got 0"),
 ])
 def test_bad_plans_fail_clearly(tmp_path, write_profile, plan, message):
     path = write_plan(tmp_path, write_profile(), {"slo": {"e2e": {"max_s": 1.0}}} | plan)

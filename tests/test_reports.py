@@ -73,7 +73,8 @@ def test_profile_report_renders(tmp_path):
 
 def test_capacity_report_renders(tmp_path):
     out = tmp_path / "plan"
-    proc = subprocess.run([sys.executable, "-m", "sim.plan", "scenarios/experiments/capacity.yaml", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "sim.plan", "scenarios/experiments/capacity.yaml", "--out", str(out),
+                           "--set", "num_requests=2000"],  # the rendering, not the edge: a short run will do
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     check(out / "report.html", tmp_path)
