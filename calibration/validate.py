@@ -67,6 +67,9 @@ def check_one_engine(scenario) -> None:
 def check_scenario(scenario, profile, device_type: str):
     """What servesim's live engine can run: one engine (check_one_engine), a KV-cache mode, no
     chunked prefill or prefix cache."""
+    from sim import workload
+    from sim.simulator import simulate
+
     check_one_engine(scenario)
     where = scenario.path
     dep = scenario.deployment
@@ -84,7 +87,12 @@ def check_scenario(scenario, profile, device_type: str):
         raise InputError(f"{where}: deployment.mode: the live engine needs a KV-cache mode, not {mode.name!r}")
     # The live engine keeps a padded cache: simulate the engine that is really running.
     batching = replace(dep.batching, kv_layout="padded")
-    return replace(scenario, deployment=replace(dep, batching=batching))
+    checked = replace(scenario, deployment=replace(dep, batching=batching))
+    served = simulate(checked, profile, workload.generate(scenario.workload, scenario.seed)).outcome.finished_at
+    if not np.isfinite(served).any():
+        raise InputError(f"{where}: deployment: it rejects every request of the workload (`simulate` says why), "
+                         "so there is no load to run")
+    return checked
 
 
 def steps_frame(runs, cost) -> pd.DataFrame:

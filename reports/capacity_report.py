@@ -7,7 +7,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from reports.html import figure, page, table
-from sim.plan import operating_point
+from sim.plan import operating_point, shortfall
 
 
 def _latency_vs_load(results: list[dict], metric: str, bound: float | None, x_key: str, x_title: str) -> go.Figure:
@@ -55,7 +55,7 @@ def write_capacity_report(summary: dict, path: Path) -> None:
     for r in results:
         p = operating_point(r)
         if p is None:
-            rows.append([r["config"], "-", "-", "-", f"misses the SLO by {r['miss']:.0%}"])
+            rows.append([r["config"], "-", "-", "-", shortfall(r)])
         elif target is None:
             rows.append([r["config"], f"{r['max_rps']:.2f} req/s", f"${p['usd_per_million_output_tokens'] or 0:.3f}",
                          f"{r['requests_per_dollar']:,.0f}", f"{p['e2e_p95_s']:.2f} s"])

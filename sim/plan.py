@@ -191,8 +191,13 @@ def _miss(point: dict) -> float:
 
 
 def _infeasible(result: dict, curve: list[dict]) -> dict:
-    closest = min(curve, key=_miss)
-    return result | {"feasible": False, "miss": _miss(closest), "closest": closest}
+    closest = min(curve, key=_miss, default=None)
+    return result | {"feasible": False, "miss": math.inf if closest is None else _miss(closest), "closest": closest}
+
+
+def shortfall(r: dict) -> str:
+    """What keeps an infeasible configuration off the SLO, in words."""
+    return "serves none of the requests" if math.isinf(r["miss"]) else f"misses the SLO by {r['miss']:.0%}"
 
 
 def find_max_rate(config: Config) -> dict:
@@ -212,11 +217,13 @@ def find_max_rate(config: Config) -> dict:
     trace = _base_trace(config)
     base = offered_rate(trace)
     saturation = saturation_rps(config.scenario, config.profile, trace)
-    probe = _measure(config, 0.05 * saturation / base)  # a light load
-    curve = [probe]
-    replicas = config.scenario.deployment.replicas
+    replicas, curve = config.scenario.deployment.replicas, []
     result = {"config": config.name, "saturation_rps": saturation, "curve": curve,
               "usd_per_gpu_hour": config.usd_per_gpu_hour, "replicas": replicas}
+    if not saturation:  # it rejects every request (e.g. prompts over max_batched_tokens)
+        return _infeasible(result | {"max_rps": 0.0}, curve)
+    probe = _measure(config, 0.05 * saturation / base)  # a light load
+    curve.append(probe)
     if not probe["slo_met"]:
         return _infeasible(result | {"max_rps": 0.0}, curve)
     lo, hi, best = 0.05 * saturation, saturation, probe
@@ -312,7 +319,7 @@ def table(plan: Plan, results: list[dict], rec: dict | None, front: list[str]) -
         name = ("* " if r["config"] in front else "  ") + r["config"]
         saturation = f"{r['saturation_rps']:>11.2f}" if plan.target_rps is None else ""
         if p is None:
-            lines.append(f"{name:<{width}}{saturation}{'none':>10}   misses the SLO by {r['miss']:.0%}")
+            lines.append(f"{name:<{width}}{saturation}{'none':>10}   {shortfall(r)}")
         elif plan.target_rps is None:
             per_dollar = f"{r['requests_per_dollar']:,.0f}" if r["requests_per_dollar"] != math.inf else "-"
             lines.append(f"{name:<{width}}{saturation}{r['max_rps']:>10.2f}"
@@ -372,8 +379,8 @@ def main(argv=None) -> int:
         print(f"\nresults in {out}/ (plan.json, report.html)")
         if rec is None:
             closest = min(results, key=lambda r: r["miss"])
-            print(f"error: no configuration meets the SLO; the closest, {closest['config']}, misses it by "
-                  f"{closest['miss']:.0%}", file=sys.stderr)
+            print(f"error: no configuration meets the SLO; the closest, {closest['config']}, {shortfall(closest)}",
+                  file=sys.stderr)
             return 1
         return 0
 

@@ -97,17 +97,23 @@ def test_at_run_speed_prices_prefill_and_decode_each_at_its_own_speed():
     assert after.overhead == before.overhead
 
 
-def test_validate_refuses_what_the_live_engine_cannot_run(tmp_path):
+@pytest.mark.parametrize("args,message", [
+    (["scenarios/bursty.yaml"], "autoscaler: validate runs a fixed deployment"),
+    # prompts of 32 tokens or more over a token budget of 8: no request can run
+    (["scenarios/validation/steady.yaml", "--set", "deployment.batching.max_batched_tokens=8"],
+     "deployment: it rejects every request of the workload"),
+])
+def test_validate_refuses_what_the_live_engine_cannot_run(tmp_path, args, message):
     import subprocess
     import sys
 
     from conftest import ROOT
 
     pytest.importorskip("torch")
-    proc = subprocess.run([sys.executable, "-m", "calibration.validate", "scenarios/bursty.yaml", "--out",
-                           str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "calibration.validate", *args, "--out", str(tmp_path / "o")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "autoscaler: validate runs a fixed deployment" in proc.stderr
+    assert message in proc.stderr
     assert not (tmp_path / "o").exists()
 
 
