@@ -15,7 +15,6 @@ their decodes) priced every decode 12% high. This times that effect outside the 
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
@@ -23,30 +22,15 @@ import time
 
 import torch
 
-from profiler.measure import GRIDS, Bench, ModeSpec, serving_regime
-from profiler.models import build, lookup
+from decode_rig import decode_rig
 from sim.cli_util import run_command
-from sim.errors import InputError
 
 PREFILL_TOKENS = (0, 128, 512, 1024, 4096)  # one row of this many tokens; 0: the control
 DECODES = 10
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gpt2-tiny")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--context", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=20)
-    args = p.parse_args()
-    for name in ("batch", "context", "rounds"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name}: must be at least 1")
-    device = torch.device("cpu")
-    serving_regime(device, threads=1)
-    model = build(lookup(args.model), torch.float32, device)
-    bench = Bench(model, device, ModeSpec.parse("fp32"), GRIDS["cpu"])
-    cache, ids = bench.synthetic_cache(args.batch, args.context), bench._ids(args.batch, 1)
+    args, model, bench, cache, ids = decode_rig(__doc__.split("\n\n")[0], 1, 256, 20)
     prompt = bench._ids(1, max(PREFILL_TOKENS))
 
     def decode() -> float:

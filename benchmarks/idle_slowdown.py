@@ -15,7 +15,6 @@ which is all the profile's wake penalty prices (see README, Validation).
 
 from __future__ import annotations
 
-import argparse
 import random
 import statistics
 import sys
@@ -23,30 +22,15 @@ import time
 
 import torch
 
-from profiler.measure import GRIDS, Bench, ModeSpec, serving_regime
-from profiler.models import build, lookup
+from decode_rig import decode_rig
 from sim.cli_util import run_command
-from sim.errors import InputError
 
 GAPS_S = (0.0, 0.003, 0.01, 0.03, 0.1, 0.3)
 WINDOWS_S = ((0.0, 0.1), (0.1, 0.3), (0.3, 0.6), (0.6, 1.0))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gpt2-tiny")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=8)
-    args = p.parse_args()
-    for name in ("batch", "context", "rounds"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name}: must be at least 1")
-    device = torch.device("cpu")
-    serving_regime(device, threads=1)
-    model = build(lookup(args.model), torch.float32, device)
-    bench = Bench(model, device, ModeSpec.parse("fp32"), GRIDS["cpu"])
-    cache, ids = bench.synthetic_cache(args.batch, args.context), bench._ids(args.batch, 1)
+    args, model, _, cache, ids = decode_rig(__doc__.split("\n\n")[0], 2, 128, 8)
 
     def passes(seconds: float) -> list[tuple[float, float]]:
         """(seconds since the first pass began, pass seconds) of back-to-back passes."""
