@@ -16,14 +16,18 @@ inputs, and in a padded cache copying it to add or drop rows): on a small model 
 of a step, and a simulator that leaves it out is optimistic. It is fitted from the calibration
 floods' steps (EngineOverhead). And the first pass after the device sat idle pays the wake
 penalty the profile measured for that gap (cold caches, lowered clocks): at low load that is
-most requests' first pass.
+most requests' first pass. The first decodes after a prefill run slower too, by the fraction the
+profile measured for that prefill's tokens and that decode's place after it (`after_prefill_time`):
+on this project's CPU hosts the first ran 1.2-2x, the fourth within a few percent.
 
 Inside a serving loop the model itself also runs slower than in the grid's back-to-back passes
 of one shape (on this project's CPU, 4-9% in the mean over many live runs: the loop's own work
 evicts what the passes keep cached, and shapes change every step). The profile times calibration
 floods through the live engine after each grid column; every forward pass is priced at the
 floods' measured seconds over what the grid predicts for the same steps (`serving_factor`), over
-the steps inside the grid's batch axes.
+the steps inside the grid's batch axes that the after-prefill excess does not price: a flood's
+decodes all follow one big prefill, and pooling its first decodes priced every decode 5-12% high
+on the hosts where they ran slow (calibration/validation/NOTES.md, "the sixteenth matrix").
 """
 
 from __future__ import annotations
@@ -212,6 +216,9 @@ class CostModel:
         self._copy_s_per_token = overhead.copy_s_per_byte * mode.kv_bytes_per_token
         self.prefill = Surface(mode.prefill, quadratic=True)
         self.decode = Surface(mode.decode, quadratic=not mode.kv_cache)
+        after = mode.after_prefill
+        self._after_tokens = [0.0, *after.tokens] if after else [0.0]
+        self._after_excess = [[0.0] * len(after.excess[0]), *after.excess] if after else [[]]
         self.serving_factor = 1.0
         if mode.flood is not None:
             f = mode.flood
@@ -220,6 +227,8 @@ class CostModel:
             # under the flood's 8 rows, priced those steps at 1.1-1.3x what they took and the
             # factor came out 5-10% low, every live run of the case "slow" by as much.
             inside = (f.prefill_seqs <= self.prefill.batch[-1]) & (f.decode_seqs <= self.decode.batch[-1])
+            since = np.array(after_prefill_states((f.prefill_seqs * f.prefill_len).tolist())[1])
+            inside &= (since == 0) | (since > len(self._after_excess[0]))  # a prefill, or a decode priced bare
             grid = sum(self._grid_time(*shape) for shape in zip(
                 f.prefill_seqs[inside].astype(int).tolist(), f.prefill_len[inside].tolist(),
                 f.decode_seqs[inside].astype(int).tolist(), f.decode_context[inside].tolist()))
@@ -257,14 +266,29 @@ class CostModel:
         i = bisect_right(gaps, idle_s)
         return extra[i - 1] + (extra[i] - extra[i - 1]) * (idle_s - gaps[i - 1]) / (gaps[i] - gaps[i - 1])
 
+    def after_prefill_time(self, tokens: float, since: int, seqs: int, context_sum: float, repeat: int) -> float:
+        """Extra seconds of `repeat` consecutive decode steps of `seqs` rows over `context_sum`
+        cached tokens, the first of them the (since + 1)-th decode after a prefill of `tokens`
+        tokens: each step's price times the fraction the profile measured for its place,
+        interpolated over the prefill's tokens (none after none), the largest measured prefill's
+        figure after any larger one."""
+        steps = len(self._after_excess[0])
+        if not tokens or since >= steps:
+            return 0.0
+        knots, rows = self._after_tokens, self._after_excess
+        i = min(bisect_right(knots, tokens), len(knots) - 1)
+        w = min((tokens - knots[i - 1]) / (knots[i] - knots[i - 1]), 1.0)
+        total = 0.0
+        for j in range(min(repeat, steps - since)):
+            k = since + j
+            excess = rows[i - 1][k] + (rows[i][k] - rows[i - 1][k]) * w
+            total += excess * self.decode.at(seqs, context_sum / seqs + j)
+        return total * self.serving_factor
+
     def decode_run(self, seqs: int, context_sum: float, repeat: int) -> float:
         """Seconds of `repeat` consecutive decode steps, each adding one token per row."""
         return (self.decode.run_sum(seqs, context_sum / seqs, repeat) * self.serving_factor
                 + repeat * (self.overhead.step_s + seqs * self.overhead.row_s))  # a run copies nothing
-
-    def decode_run_cut(self, seqs: int, context_sum: float, repeat: int, run_s: float,
-                       elapsed: float) -> tuple[int, float]:
-        return cut_run(lambda n: self.decode_run(seqs, context_sum, n), repeat, run_s, elapsed)
 
     def _grid_time(self, prefill_seqs: int, prefill_len: float, decode_seqs: int, decode_context: float) -> float:
         """Seconds of a forward pass as the grid's back-to-back passes ran it."""
@@ -289,6 +313,21 @@ class CostModel:
     def step_time(self, step) -> float:
         """Seconds of one Step: the forward pass and the engine's time around it."""
         return self.forward_time(step) + self.overhead_time(step)
+
+
+def after_prefill_states(prefill_tokens: list[float]) -> tuple[list[float], list[int]]:
+    """For steps in the order they ran, each given by its prefill tokens (0: a decode-only step):
+    the tokens of the last prefill before each step, and which decode after it the step is
+    (1: the first; 0: a step that prefills, which after_prefill_time does not price)."""
+    last, since, tokens_out, since_out = 0.0, 0, [], []
+    for tokens in prefill_tokens:
+        if tokens:
+            last, since = tokens, 0
+        else:
+            since += 1
+        tokens_out.append(last)
+        since_out.append(since)
+    return tokens_out, since_out
 
 
 def cut_run(run: Callable[[int], float], repeat: int, run_s: float, elapsed: float) -> tuple[int, float]:

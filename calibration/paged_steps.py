@@ -22,8 +22,6 @@ from dataclasses import astuple, dataclass
 import numpy as np
 from scipy.optimize import nnls
 
-from calibration.cost_model import cut_run
-
 
 def step_shape(step) -> tuple[int, int, int]:
     """Computed tokens, attended KV tokens (this step's own included) and requests of a
@@ -69,12 +67,11 @@ class PagedStepModel:
         kv_sum = repeat * (context_sum + seqs) + seqs * repeat * (repeat - 1) / 2
         return repeat * (self.step_s + (self.token_s + self.row_s) * seqs) + (self.kv_s + self.pair_s * seqs) * kv_sum
 
-    def decode_run_cut(self, seqs: int, context_sum: float, repeat: int, run_s: float,
-                       elapsed: float) -> tuple[int, float]:
-        return cut_run(lambda n: self.decode_run(seqs, context_sum, n), repeat, run_s, elapsed)
-
     def wake_time(self, idle_s: float) -> float:
         return 0.0  # fitted from a flood's back-to-back steps: a slower first pass after idling is not priced
+
+    def after_prefill_time(self, tokens: float, since: int, seqs: int, context_sum: float, repeat: int) -> float:
+        return 0.0  # fitted from the engine's own steps, its decodes after prefills among them
 
     def slowdown(self, workers: int) -> float:
         if workers != 1:

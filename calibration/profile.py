@@ -1,10 +1,11 @@
 """The profile file: costs measured by `profile` on one device for one model.
 
 A profile is JSON. Each *mode* (e.g. `fp32-nocache`, `bf16`, `bf16-compiled`) holds two timing
-grids — prefill over batch x prompt length, decode over batch x context — plus memory figures
-what the first pass after an idle gap costs extra, and (with a KV cache) the steps of calibration
-floods through the live engine, so a scenario can pick the mode it deploys. Grid points not measured
-(out of memory, or over the grid's `max_prefill_tokens`) are null.
+grids — prefill over batch x prompt length, decode over batch x context — plus memory figures,
+what the first pass after an idle gap costs extra and, with a KV cache, how much slower the
+decodes just after a prefill run and the steps of calibration floods through the live engine, so
+a scenario can pick the mode it deploys. Grid points not measured (out of memory, or over the
+grid's `max_prefill_tokens`) are null.
 Beside the modes: the device's copy rate and the model's load time. The serving engine's own
 cost per step outside the model is fitted from the floods (calibration.cost_model.EngineOverhead).
 """
@@ -12,6 +13,7 @@ cost per step outside the model is fitted from the floods (calibration.cost_mode
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from sim.fields import Fields
 from sim.files import write_atomic
 
 SCHEMA_VERSION = 5  # 3: each mode's wake penalty; 4: calibration floods; 5: engine overhead from the floods
+# (and since, optional: each KV-cache mode's after_prefill section; a profile without it prices no excess)
 SHIPPED = Path(__file__).parent / "profiles"
 
 
@@ -41,6 +44,16 @@ class Wake:
 
     gap_s: tuple[float, ...]
     extra_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class AfterPrefill:
+    """How much slower the decode passes just after a prefill run than the same passes with none
+    before them: `excess[i][k]` is the fraction the (k+1)-th decode after a prefill of `tokens[i]`
+    tokens (ascending) takes extra. Decodes past the last measured one run at their grid price."""
+
+    tokens: tuple[float, ...]
+    excess: tuple[tuple[float, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,7 @@ class Mode:
     decode: Grid
     concurrency: dict[int, float]  # workers sharing the device -> decode step seconds
     wake: Wake
+    after_prefill: AfterPrefill | None  # None without a KV cache, and in profiles measured before it
     flood: Flood | None  # None without a KV cache: the live engine needs one
     raw: dict[str, Any]
 
@@ -159,6 +173,25 @@ def _wake(section: Fields) -> Wake:
     return Wake(tuple(gaps), tuple(extra))
 
 
+def _after_prefill(section: Fields) -> AfterPrefill:
+    tokens = section.nums("tokens", positive=True)
+    if sorted(set(tokens)) != tokens:
+        section.fail("must be strictly ascending", "tokens")
+    rows = section.raw("excess")
+    if not isinstance(rows, list) or len(rows) != len(tokens):
+        section.fail(f"expected {len(tokens)} rows (one per prefill size in tokens)", "excess")
+    width = len(rows[0]) if isinstance(rows[0], list) else 0
+    for i, row in enumerate(rows):
+        if not (isinstance(row, list) and width and len(row) == width and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in row)):
+            section.fail(f"row {i} must be fractions >= 0, one per decode after the prefill, as many in every row",
+                         "excess")
+    section.num("decode_batch", positive=True, integer=True)  # the decode shape timed
+    section.num("decode_context", positive=True, integer=True)
+    section.done()
+    return AfterPrefill(tuple(tokens), tuple(tuple(float(v) for v in row) for row in rows))
+
+
 def _flood(section: Fields) -> Flood:
     columns = {key: section.nums(key, low=0) for key in Flood.__dataclass_fields__}
     steps = len(columns["forward_s"])
@@ -209,6 +242,7 @@ def parse(data: Any, path: str) -> Profile:
             decode=_grid(m.section("decode", required=True), "context"),
             concurrency=concurrency,
             wake=_wake(m.section("wake", required=True)),
+            after_prefill=_after_prefill(after) if (after := m.section("after_prefill")) is not None else None,
             flood=_flood(flood) if (flood := m.section("flood")) is not None else None,
             raw=m.data,
         )

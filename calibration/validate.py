@@ -98,10 +98,16 @@ def check_scenario(scenario, profile, device_type: str):
 def steps_frame(runs, cost) -> pd.DataFrame:
     """One row per live step, run by run: its shape, when it started, how long the device sat
     idle before it, and its seconds inside the model and around it, each beside the profile's
-    price for it (the forward pass after the same idle gap; the engine overhead)."""
+    price for it (the forward pass after the same idle gap and as long after a prefill; the
+    engine overhead)."""
+    from calibration.cost_model import after_prefill_states
+
     frames = []
     for k, run in enumerate(runs, 1):  # named as requests.csv names the live runs
         steps = run.steps
+        tokens, since = after_prefill_states([s.prefill_seqs * s.prefill_len for s in steps])
+        after = [0.0 if s.prefill_seqs else cost.after_prefill_time(t, n - 1, s.decode_seqs, s.decode_context, 1)
+                 for s, t, n in zip(steps, tokens, since)]
         frames.append(pd.DataFrame({
             "run": f"live {k}",
             "step": np.arange(len(steps)),
@@ -113,7 +119,8 @@ def steps_frame(runs, cost) -> pd.DataFrame:
             "reshuffle_tokens": [s.reshuffle_tokens for s in steps],
             "idle_s": run.idle_s,
             "forward_s": run.forward_s,
-            "priced_forward_s": [cost.forward_time(s) + cost.wake_time(idle) for s, idle in zip(steps, run.idle_s)],
+            "priced_forward_s": [cost.forward_time(s) + cost.wake_time(idle) + extra
+                                 for s, idle, extra in zip(steps, run.idle_s, after)],
             "overhead_s": run.loop_s - run.forward_s,
             "priced_overhead_s": [cost.overhead_time(s) for s in steps],
         }))
@@ -214,7 +221,7 @@ class Rig:
     base: Trace  # each load offers these requests, their arrivals scaled
     engine: LiveEngine
     bench: Bench
-    wake: dict
+    penalties: dict  # the profile's wake and after_prefill sections, measured once
     peaks: dict
     info: dict
     model_load_s: float
@@ -248,11 +255,13 @@ def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: 
     base = workload.generate(scenario.workload, scenario.seed)
     mode = ModeSpec.parse(scenario.deployment.mode)
     bench = Bench(model, device, mode, replace(scenario_grid(scenario, base), passes=runs + 1))
-    wake = bench.wake_penalty()
-    log(f"first pass after {wake['gap_s'][-1] * 1e3:g} ms idle: {wake['extra_s'][-1] * 1e3:.2f} ms slower")
+    penalties = {"wake": bench.wake_penalty(), "after_prefill": bench.after_prefill()}
+    wake, after = penalties["wake"], penalties["after_prefill"]
+    log(f"first pass after {wake['gap_s'][-1] * 1e3:g} ms idle: {wake['extra_s'][-1] * 1e3:.2f} ms slower; "
+        f"first decode after a {after['tokens'][-1]}-token prefill: {after['excess'][-1][0]:.0%} slower")
     peaks = device_peaks(device, [mode.dtype])
     info = device_info(device) | {"copy_bytes_per_s": peaks["copy_bytes_per_s"]}
-    return Rig(scenario, profile, base, engine, bench, wake, peaks, info, model_load_s, log)
+    return Rig(scenario, profile, base, engine, bench, penalties, peaks, info, model_load_s, log)
 
 
 def sweep(rig: Rig, samples: GridSamples) -> None:
@@ -266,7 +275,7 @@ def profile_file(rig: Rig, samples: GridSamples) -> dict:
 
     bench = rig.bench
     modes = {bench.mode.name: mode_record(bench, samples.summary(), rig.peaks["matmul_flops"].get(bench.mode.dtype),
-                                          wake=rig.wake)}
+                                          **rig.penalties)}
     return profile_record(bench.model, rig.profile.model_name, rig.model_load_s, rig.info, modes, bench.spec,
                           f"{rig.profile.name}-validate", "validate: swept before, between and after the live runs")
 

@@ -105,7 +105,8 @@ def write_report(profile: Profile, path: Path) -> None:
         "<p>Held-out error: each grid line left out in turn and predicted from the rest "
         "(interior lines test interpolation, edge lines extrapolation). Serving factor: the seconds "
         "the model took inside calibration floods through the live engine (one after each grid column) "
-        "over what the grid predicts for the same passes; the simulator prices every pass at it.</p>",
+        "over what the grid predicts for the same passes, leaving out the first decodes after each "
+        "flood's prefill, which the after-prefill excess below prices; the simulator prices every pass at it.</p>",
         "<div class='grid'>" + figure(_curves(profile, "prefill"), "prefill") +
         figure(_curves(profile, "decode"), "decode") + "</div>",
         figure(_decode_throughput(profile), "throughput"),
@@ -117,6 +118,16 @@ def write_report(profile: Profile, path: Path) -> None:
     memory = _memory(profile)
     if memory is not None:
         sections.append(figure(memory, "memory"))
+    after_rows = [[m.name, f"{tokens:g}"] + [f"+{e:.0%}" for e in row]
+                  for m in profile.modes.values() if m.after_prefill
+                  for tokens, row in zip(m.after_prefill.tokens, m.after_prefill.excess)]
+    if after_rows:
+        decodes = len(after_rows[0]) - 2
+        sections += ["<h2>Decodes just after a prefill</h2>",
+                     "<p>How much slower each of the first decodes after a prefill (one row of that many "
+                     "tokens) ran than the same decode with none before it; the simulator adds it to "
+                     "those decodes' price.</p>",
+                     table(["mode", "prefill tokens"] + [f"decode {k + 1}" for k in range(decodes)], after_rows)]
     conc_rows = [[m.name] + [f"{k} workers: {v * 1000:.2f} ms" for k, v in sorted(m.concurrency.items())]
                  for m in profile.modes.values() if m.concurrency]
     if conc_rows:

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import simpy
 
-from calibration.cost_model import CostModel
+from calibration.cost_model import CostModel, cut_run
 from calibration.profile import Profile
 from sim.errors import InputError
 from sim.request import Request
@@ -148,31 +148,43 @@ class Worker:
                     pass
                 self.wakeable = False
                 continue
-            # A device that sat idle runs its next pass slower (the profile's wake penalty). It is
-            # priced into the pass's own event: an event of its own per pass cost the run several percent.
+            # A device that sat idle runs its next pass slower (the profile's wake penalty), and so do
+            # the first decodes after a prefill (its after-prefill excess). Both are priced into the
+            # pass's own event: an event of its own per pass cost the run several percent.
             replica = self.replica
             idle = env.now - replica.last_pass_end if replica.passes_running == 0 else 0.0
             replica.passes_running += 1
             wake = cost.wake_time(idle) if idle > 0.0 else 0.0
+            # A pass that prefills pays no excess: it is compute-bound, and ran at its grid price.
+            tokens = 0.0 if step.prefill_seqs else replica.last_prefill_tokens
+            since, seqs, context = replica.decodes_since_prefill, step.decode_seqs, step.decode_context
             if step.prefill_seqs or step.max_repeat == 1 or not sim.jump:
-                repeat, elapsed = 1, wake + cost.step_time(step) * slowdown
+                repeat = 1
+                after = cost.after_prefill_time(tokens, since, seqs, context, 1)
+                elapsed = wake + (cost.step_time(step) + after) * slowdown
                 yield env.timeout(elapsed)
             else:
+                def run(n: int) -> float:  # seconds of the step's first n repeats
+                    return cost.decode_run(seqs, context, n) + cost.after_prefill_time(tokens, since, seqs, context, n)
+
                 repeat, begin = step.max_repeat, env.now
-                run_s = cost.decode_run(step.decode_seqs, step.decode_context, repeat)
+                run_s = run(repeat)
                 elapsed = wake + run_s * slowdown
                 self.wakeable = step.interruptible
                 try:
                     yield env.timeout(elapsed)
                 except simpy.Interrupt:
                     # Something arrived mid-run: finish the step in progress, then reschedule.
-                    repeat, run_s = cost.decode_run_cut(step.decode_seqs, step.decode_context, repeat, run_s,
-                                                        max(env.now - begin - wake, 0.0) / slowdown)
+                    repeat, run_s = cut_run(run, repeat, run_s, max(env.now - begin - wake, 0.0) / slowdown)
                     elapsed = wake + run_s * slowdown
                     yield env.timeout(max(begin + elapsed - env.now, 0.0))
                 self.wakeable = False
             replica.passes_running -= 1
             replica.last_pass_end = env.now
+            if step.prefill_seqs:
+                replica.last_prefill_tokens, replica.decodes_since_prefill = step.prefill_seqs * step.prefill_len, 0
+            else:
+                replica.decodes_since_prefill += repeat
             sim.busy_s += elapsed
             sim.batch_sizes[step.prefill_seqs + step.decode_seqs] += repeat
             for r in sched.postprocess(step, env.now, repeat):
@@ -196,6 +208,8 @@ class Replica:
     stopped_at: float = math.inf
     last_pass_end: float = -math.inf  # when the device last finished a forward pass
     passes_running: int = 0  # its workers' passes in flight: while any runs, the device is not idle
+    last_prefill_tokens: float = 0.0  # the device's last prefill pass (its after-prefill excess)
+    decodes_since_prefill: int = 0
 
 
 class Simulation:

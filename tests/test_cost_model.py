@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration.cost_model import CostModel, EngineOverhead, held_out_error
+from calibration.cost_model import CostModel, EngineOverhead, cut_run, held_out_error
 from calibration.profile import Grid, load, parse
 from conftest import ROOT, flood_section, synthetic_profile
 from sim.scheduler import Step
@@ -39,7 +39,7 @@ def test_closed_form_run_equals_step_by_step_sum(mode):
                 ends = np.cumsum(steps)
                 for t in (0.0, ends[0] * 0.5, ends[n // 2] * 1.0000001, ends[-1] * 0.999999):
                     k = min(int(np.searchsorted(ends, t, side="right")) + 1, n)
-                    done, seconds = cm.decode_run_cut(b, start * b, n, ends[-1], t)
+                    done, seconds = cut_run(lambda m: cm.decode_run(b, start * b, m), n, ends[-1], t)
                     assert done == k and seconds == pytest.approx(ends[k - 1], rel=1e-9)
 
 
@@ -167,3 +167,48 @@ def test_the_serving_factor_counts_only_the_flood_steps_inside_the_grids_batch_a
     seconds = [1.1 * bare.forward_time(s) for s in inside] + [0.5 * bare.forward_time(s) for s in outside]
     raw["modes"]["fp16"]["flood"] = flood_section(inside + outside, seconds, [3e-4] * 4)
     assert CostModel(parse(raw, "synthetic").modes["fp16"]).serving_factor == pytest.approx(1.1)
+
+
+def test_decodes_after_a_prefill_pay_the_excess_measured_for_its_tokens_and_their_place():
+    raw = synthetic_profile(decode=lambda b, c: 0.002 + 1e-6 * b * c,
+                            after_prefill=((100, 1000), ((0.5, 0.2, 0.1), (1.0, 0.4, 0.2))))
+    cm = CostModel(parse(raw, "synthetic").modes["fp16"])
+    bare = CostModel(parse(synthetic_profile(decode=lambda b, c: 0.002 + 1e-6 * b * c), "synthetic").modes["fp16"])
+    assert bare.after_prefill_time(1000, 0, 4, 1000, 5) == 0.0  # a profile measured before the excess
+    d = [cm.decode.at(4, 250 + j) for j in range(5)]  # 4 rows over 1,000 cached tokens, one more each step
+    assert cm.after_prefill_time(100, 0, 4, 1000, 1) == pytest.approx(0.5 * d[0])
+    assert cm.after_prefill_time(550, 0, 4, 1000, 1) == pytest.approx(0.75 * d[0])  # between the sizes
+    assert cm.after_prefill_time(50, 0, 4, 1000, 1) == pytest.approx(0.25 * d[0])  # none after no prefill
+    assert cm.after_prefill_time(8000, 0, 4, 1000, 1) == pytest.approx(1.0 * d[0])  # the largest's figure
+    assert cm.after_prefill_time(0, 0, 4, 1000, 1) == 0.0
+    # A run of 5 decodes starting at the second after a prefill: the 2nd and 3rd pay, the rest run bare.
+    assert cm.after_prefill_time(1000, 1, 4, 1000, 5) == pytest.approx(0.4 * d[0] + 0.2 * d[1])
+    assert cm.after_prefill_time(1000, 3, 4, 1000, 5) == 0.0
+
+
+def test_the_serving_factor_leaves_out_the_decodes_the_after_prefill_excess_prices():
+    """A flood's decodes all follow one prefill: its first ones, slow, must not raise the price of
+    every decode; the excess prices them."""
+    decode = lambda b, c: 0.002 + 1e-6 * b * c  # noqa: E731
+    steps = [Step(prefill_seqs=8, prefill_len=100)] + [Step(decode_seqs=8, decode_context=8 * (100 + k))
+                                                       for k in range(6)]
+    bare = CostModel(parse(synthetic_profile(decode=decode), "synthetic").modes["fp16"])
+    speed = (1.1, 1.8, 1.5, 1.1, 1.1, 1.1, 1.1)  # the first two decodes after the prefill ran slow
+    flood = flood_section(steps, [bare.forward_time(s) * k for s, k in zip(steps, speed)], [3e-4] * len(steps))
+    with_excess = synthetic_profile(decode=decode, flood=flood, after_prefill=((800,), ((0.6, 0.4),)))
+    assert CostModel(parse(with_excess, "synthetic").modes["fp16"]).serving_factor == pytest.approx(1.1)
+    pooled = CostModel(parse(synthetic_profile(decode=decode, flood=flood), "synthetic").modes["fp16"])
+    assert pooled.serving_factor > 1.2  # without the excess measured, every step as before
+
+
+@pytest.mark.parametrize("tokens,excess,message", [
+    ((100, 1000), ((0.5, 0.2), (0.4,)), r"after_prefill\.excess: row 1 must be fractions >= 0"),
+    ((100,), ((0.5, -0.2),), r"after_prefill\.excess: row 0 must be fractions >= 0"),
+    ((100, 1000), ((0.5, 0.2),), r"after_prefill\.excess: expected 2 rows"),
+    ((1000, 100), ((0.5,), (0.4,)), r"after_prefill\.tokens: must be strictly ascending"),
+])
+def test_a_malformed_after_prefill_section_is_named(tokens, excess, message):
+    from sim.errors import InputError
+
+    with pytest.raises(InputError, match=r"synthetic: modes\.fp16\." + message):
+        parse(synthetic_profile(after_prefill=(tokens, excess)), "synthetic")

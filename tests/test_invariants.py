@@ -33,11 +33,13 @@ def check_invariants(run, frame: pd.DataFrame, summary: dict, scenario: dict) ->
 
 
 # Steps of a calibration flood whose engine overhead has a fixed, a per-row and a per-copy part, so
-# jumps over runs of decode steps are checked against step-by-step pricing of all three.
+# jumps over runs of decode steps are checked against step-by-step pricing of all three, and of
+# the first decodes after a prefill.
 ENGINE_FLOOD = flood_section(
     [Step(prefill_seqs=4, prefill_len=64), Step(decode_seqs=4, decode_context=300),
      Step(decode_seqs=2, decode_context=160, reshuffle_tokens=160), Step(decode_seqs=1, decode_context=81)],
     [0.004, 0.0021, 0.0021, 0.002], [5e-4, 3.5e-4, 4e-4, 2.8e-4])
+AFTER_PREFILL = ((64, 1024), ((0.3, 0.1, 0.05), (0.8, 0.4, 0.1)))  # a run's first decodes cost more
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -57,7 +59,7 @@ def test_random_scenarios_keep_invariants_and_jumps_change_nothing(
         write_profile, write_scenario, policy, chunked, padded, replicas, rate, kv_tokens, max_seqs, budget, router, seed):
     profile = write_profile(prefill=lambda b, p: 0.003 + 2e-6 * b * p,
                             decode=lambda b, c: 0.002 + 1e-4 * b + 1e-8 * b * c, flood=ENGINE_FLOOD,
-                            wake=((0.005, 0.05), (0.001, 0.002)))
+                            wake=((0.005, 0.05), (0.001, 0.002)), after_prefill=AFTER_PREFILL)
     batching = {"policy": policy}
     if policy == "continuous":
         batching |= {"max_num_seqs": max_seqs, "max_batched_tokens": budget, "chunked_prefill": chunked,
