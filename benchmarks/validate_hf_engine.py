@@ -29,7 +29,7 @@ import numpy as np
 from calibration.compare import LABELS, compare, percentiles, summary
 from calibration.paged_steps import PagedStepModel
 from calibration.profile import load as load_profile
-from calibration.validate import check_one_engine
+from calibration.validate import check_one_engine, check_serves_some
 from profiler.hf_engine import EngineConfig, EngineSteps, HFEngine
 from sim import scenario as scenario_mod, workload
 from sim.cli_util import run_command
@@ -93,6 +93,7 @@ def validate(args) -> int:
     scenario = engine_scenario(replace(scenario, workload=replace(scenario.workload, num_requests=args.requests)),
                                config)
     profile = load_profile(scenario.deployment.profile)  # names the model; its grid prices nothing here
+    check_serves_some(scenario, profile)
     engine = HFEngine(build_for_profile(profile, scenario.deployment.mode, torch.device("cpu")), config)
     freeze_heap()
     base = workload.generate(scenario.workload, scenario.seed)

@@ -66,10 +66,7 @@ def check_one_engine(scenario) -> None:
 
 def check_scenario(scenario, profile, device_type: str):
     """What servesim's live engine can run: one engine (check_one_engine), a KV-cache mode, no
-    chunked prefill or prefix cache."""
-    from sim import workload
-    from sim.simulator import simulate
-
+    chunked prefill or prefix cache, and a workload it serves."""
     check_one_engine(scenario)
     where = scenario.path
     dep = scenario.deployment
@@ -88,11 +85,20 @@ def check_scenario(scenario, profile, device_type: str):
     # The live engine keeps a padded cache: simulate the engine that is really running.
     batching = replace(dep.batching, kv_layout="padded")
     checked = replace(scenario, deployment=replace(dep, batching=batching))
-    served = simulate(checked, profile, workload.generate(scenario.workload, scenario.seed)).outcome.finished_at
-    if not np.isfinite(served).any():
-        raise InputError(f"{where}: deployment: it rejects every request of the workload (`simulate` says why), "
-                         "so there is no load to run")
+    check_serves_some(checked, profile)
     return checked
+
+
+def check_serves_some(scenario, profile) -> None:
+    """A deployment that rejects every request of its workload has a saturation of 0: no load
+    to run. Which requests it rejects is the scheduler's call, whatever prices the steps."""
+    from sim import workload
+    from sim.simulator import simulate
+
+    served = simulate(scenario, profile, workload.generate(scenario.workload, scenario.seed)).outcome.finished_at
+    if not np.isfinite(served).any():
+        raise InputError(f"{scenario.path}: deployment: it rejects every request of the workload "
+                         "(`simulate` says why), so there is no load to run")
 
 
 def steps_frame(runs, cost) -> pd.DataFrame:

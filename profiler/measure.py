@@ -313,7 +313,7 @@ class Bench:
         extra = [max(statistics.median(times[gap]) - busy, 0.0) for gap in spec.wake_gaps_s]
         return {"gap_s": list(spec.wake_gaps_s), "extra_s": non_decreasing(extra)}
 
-    def after_prefill(self) -> dict:
+    def after_prefill(self, rows: int = AFTER_PREFILL_ROWS) -> dict:
         """How much slower the decodes just after a prefill run than the same decodes with none
         before them, by the prefill's tokens (the grid's prompt lengths, one row each) and the
         decode's place after it (KV-cache modes only).
@@ -322,11 +322,10 @@ class Bench:
         every prefill: on this project's CPU hosts the first decode after a 1,024-token prefill
         ran 1.4-2x, the fourth within 5% (benchmarks/after_prefill.py; the cause was not found).
         The fraction depends on the decode's size too (one row paid 1.73x where eight paid 1.40x,
-        the same hour), so it is timed on AFTER_PREFILL_ROWS rows over the grid's middle context.
+        the same hour), so it is timed on `rows` rows over the grid's middle context.
         Each round takes the sizes and the control (no prefill) in shuffled order, each after
         untimed decodes that let the previous prefill's excess pass."""
         spec = self.spec
-        rows = min(AFTER_PREFILL_ROWS, spec.decode_batch[-1])
         context = spec.decode_context[(len(spec.decode_context) - 1) // 2]
         cache, ids = self.synthetic_cache(rows, context), self._ids(rows, 1)
         mask = padding_mask(rows, context + 1, self.device)  # as the grid's decodes attend
