@@ -29,7 +29,7 @@ PREFILL_TOKENS = (128, 512, 1024, 4096)  # one row of this many tokens
 def main() -> None:
     args, _, bench, _, _ = decode_rig(__doc__.split("\n\n")[0], 1, 256, 20)
     bench.spec = replace(bench.spec, prefill_length=PREFILL_TOKENS, decode_context=(args.context,),
-                         penalty_rounds=args.rounds)
+                         after_prefill_rounds=args.rounds)
     after = bench.after_prefill(rows=args.batch)
     print(f"{args.model}, decode {args.batch} x {args.context}, {args.rounds} rounds: "
           "each decode after a prefill over the same decode with none before it")

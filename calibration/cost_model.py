@@ -219,6 +219,7 @@ class CostModel:
         after = mode.after_prefill
         self._after_tokens = [0.0, *after.tokens] if after else [0.0]
         self._after_excess = [[0.0] * len(after.excess[0]), *after.excess] if after else [[]]
+        self.after_prefill_steps = len(self._after_excess[0])  # decodes after a prefill that pay an excess
         self.serving_factor = 1.0
         if mode.flood is not None:
             f = mode.flood
@@ -228,7 +229,7 @@ class CostModel:
             # factor came out 5-10% low, every live run of the case "slow" by as much.
             inside = (f.prefill_seqs <= self.prefill.batch[-1]) & (f.decode_seqs <= self.decode.batch[-1])
             since = np.array(after_prefill_states((f.prefill_seqs * f.prefill_len).tolist())[1])
-            inside &= (since == 0) | (since > len(self._after_excess[0]))  # a prefill, or a decode priced bare
+            inside &= (since == 0) | (since > self.after_prefill_steps)  # a prefill, or a decode priced bare
             grid = sum(self._grid_time(*shape) for shape in zip(
                 f.prefill_seqs[inside].astype(int).tolist(), f.prefill_len[inside].tolist(),
                 f.decode_seqs[inside].astype(int).tolist(), f.decode_context[inside].tolist()))
@@ -272,7 +273,7 @@ class CostModel:
         tokens: each step's price times the fraction the profile measured for its place,
         interpolated over the prefill's tokens (none after none), the largest measured prefill's
         figure after any larger one."""
-        steps = len(self._after_excess[0])
+        steps = self.after_prefill_steps
         if not tokens or since >= steps:
             return 0.0
         knots, rows = self._after_tokens, self._after_excess

@@ -70,8 +70,10 @@ class PagedStepModel:
     def wake_time(self, idle_s: float) -> float:
         return 0.0  # fitted from a flood's back-to-back steps: a slower first pass after idling is not priced
 
+    after_prefill_steps = 0  # fitted from the engine's own steps, its decodes after prefills among them
+
     def after_prefill_time(self, tokens: float, since: int, seqs: int, context_sum: float, repeat: int) -> float:
-        return 0.0  # fitted from the engine's own steps, its decodes after prefills among them
+        return 0.0
 
     def slowdown(self, workers: int) -> float:
         if workers != 1:

@@ -46,7 +46,9 @@ class GridSpec:
     max_prefill_tokens: int | None = None
     concurrency_workers: tuple[int, ...] = (1, 2, 4, 8)
     wake_gaps_s: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1)  # idle gaps before a pass (wake_penalty)
-    penalty_rounds: int = 20  # rounds of wake_penalty and of after_prefill
+    wake_rounds: int = 20
+    # Rounds of after_prefill: each prefills every grid prompt length once (about 1 s on the CPU grid).
+    after_prefill_rounds: int = 10
 
 
 def decode_batches(limit: int) -> tuple[int, ...]:
@@ -67,11 +69,11 @@ GRIDS = {
     "cpu": GridSpec((1, 2, 4, 8), (16, 64, 256, 1024, 2048, 4096), decode_batches(32), (64, 256, 1024, 4096),
                     repeats=3, max_point_s=0.5, max_prefill_tokens=8192),
     "cpu-quick": GridSpec((1, 4), (16, 128), (1, 4), (64, 256), warmup=1, repeats=3, max_point_s=0.3,
-                          passes=1, concurrency_workers=(1, 2), penalty_rounds=5),
+                          passes=1, concurrency_workers=(1, 2), wake_rounds=5, after_prefill_rounds=3),
     "cuda": GridSpec((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048, 4096),
                      decode_batches(256), (128, 512, 1024, 2048, 4096, 8192), repeats=5, passes=2),
     "cuda-quick": GridSpec((1, 8), (128, 1024), (1, 16, 64), (128, 2048), warmup=2, repeats=5, passes=1,
-                           concurrency_workers=(1, 2), penalty_rounds=5),
+                           concurrency_workers=(1, 2), wake_rounds=5, after_prefill_rounds=3),
 }
 
 
@@ -302,7 +304,7 @@ class Bench:
         with torch.inference_mode():
             for _ in range(spec.warmup):
                 one_pass()
-            for _ in range(spec.penalty_rounds):
+            for _ in range(spec.wake_rounds):
                 rng.shuffle(order)
                 for gap in order:  # each timed pass follows the previous one, then the gap
                     time.sleep(gap)
@@ -323,8 +325,8 @@ class Bench:
         ran 1.4-2x, the fourth within 5% (benchmarks/after_prefill.py; the cause was not found).
         The fraction depends on the decode's size too (one row paid 1.73x where eight paid 1.40x,
         the same hour), so it is timed on `rows` rows over the grid's middle context.
-        Each round takes the sizes and the control (no prefill) in shuffled order, each after
-        untimed decodes that let the previous prefill's excess pass."""
+        Each round takes the sizes and the control (no prefill) in shuffled order; the control
+        first lets the previous prefill's excess pass in untimed decodes (a prefill resets it)."""
         spec = self.spec
         context = spec.decode_context[(len(spec.decode_context) - 1) // 2]
         cache, ids = self.synthetic_cache(rows, context), self._ids(rows, 1)
@@ -343,13 +345,14 @@ class Bench:
         order = list(times)
         rng = random.Random(0)
         with torch.inference_mode():
-            for _ in range(spec.penalty_rounds):
+            for _ in range(spec.after_prefill_rounds):
                 rng.shuffle(order)
                 for n in order:
-                    for _ in range(AFTER_PREFILL_DECODES):
-                        decode()
                     if n:
                         self.forward(input_ids=prompt[:, :n], use_cache=True, logits_to_keep=1)
+                    else:  # the control waits out the excess of the prefill before it
+                        for _ in range(AFTER_PREFILL_DECODES):
+                            decode()
                     for k in range(AFTER_PREFILL_DECODES):
                         times[n][k].append(decode())
         control = statistics.median(t for decodes in times[0] for t in decodes)

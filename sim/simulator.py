@@ -132,6 +132,7 @@ class Worker:
     def run(self):
         env, sim, sched = self.sim.env, self.sim, self.scheduler
         cost, slowdown = sim.cost, sim.slowdown
+        excess_steps = cost.after_prefill_steps  # 0: the profile prices no after-prefill excess
         while True:
             step = sched.schedule(env.now)
             if step is None:
@@ -155,36 +156,39 @@ class Worker:
             idle = env.now - replica.last_pass_end if replica.passes_running == 0 else 0.0
             replica.passes_running += 1
             wake = cost.wake_time(idle) if idle > 0.0 else 0.0
-            # A pass that prefills pays no excess: it is compute-bound, and ran at its grid price.
-            tokens = 0.0 if step.prefill_seqs else replica.last_prefill_tokens
-            since, seqs, context = replica.decodes_since_prefill, step.decode_seqs, step.decode_context
+            # Only the first decodes after a prefill pay an excess (a prefill is compute-bound, and
+            # ran at its grid price): (its tokens, the decodes since) for a step that pays one.
+            excess = None
+            if excess_steps and not step.prefill_seqs and replica.decodes_since_prefill < excess_steps:
+                excess = replica.last_prefill_tokens, replica.decodes_since_prefill
+            seqs, context = step.decode_seqs, step.decode_context
             if step.prefill_seqs or step.max_repeat == 1 or not sim.jump:
-                repeat = 1
-                after = cost.after_prefill_time(tokens, since, seqs, context, 1)
-                elapsed = wake + (cost.step_time(step) + after) * slowdown
+                repeat, elapsed = 1, cost.step_time(step)
+                if excess:
+                    elapsed += cost.after_prefill_time(*excess, seqs, context, 1)
+                elapsed = wake + elapsed * slowdown
                 yield env.timeout(elapsed)
             else:
-                def run(n: int) -> float:  # seconds of the step's first n repeats
-                    return cost.decode_run(seqs, context, n) + cost.after_prefill_time(tokens, since, seqs, context, n)
-
                 repeat, begin = step.max_repeat, env.now
-                run_s = run(repeat)
+                run_s = run_time(cost, excess, seqs, context, repeat)
                 elapsed = wake + run_s * slowdown
                 self.wakeable = step.interruptible
                 try:
                     yield env.timeout(elapsed)
                 except simpy.Interrupt:
                     # Something arrived mid-run: finish the step in progress, then reschedule.
-                    repeat, run_s = cut_run(run, repeat, run_s, max(env.now - begin - wake, 0.0) / slowdown)
+                    repeat, run_s = cut_run(lambda n: run_time(cost, excess, seqs, context, n), repeat, run_s,
+                                            max(env.now - begin - wake, 0.0) / slowdown)
                     elapsed = wake + run_s * slowdown
                     yield env.timeout(max(begin + elapsed - env.now, 0.0))
                 self.wakeable = False
             replica.passes_running -= 1
             replica.last_pass_end = env.now
-            if step.prefill_seqs:
-                replica.last_prefill_tokens, replica.decodes_since_prefill = step.prefill_seqs * step.prefill_len, 0
-            else:
-                replica.decodes_since_prefill += repeat
+            if excess_steps:
+                if step.prefill_seqs:
+                    replica.last_prefill_tokens, replica.decodes_since_prefill = step.prefill_seqs * step.prefill_len, 0
+                else:
+                    replica.decodes_since_prefill += repeat
             sim.busy_s += elapsed
             sim.batch_sizes[step.prefill_seqs + step.decode_seqs] += repeat
             for r in sched.postprocess(step, env.now, repeat):
@@ -194,6 +198,12 @@ class Worker:
                 for r, _ in step.prefill:
                     if r.first_token_at == env.now:
                         sim.ttft_window.append((env.now, env.now - r.arrived_at))
+
+
+def run_time(cost, excess: tuple[float, int] | None, seqs: int, context: float, n: int) -> float:
+    """Seconds of n repeats of a decode step, and the after-prefill excess if it pays one."""
+    t = cost.decode_run(seqs, context, n)
+    return t + cost.after_prefill_time(*excess, seqs, context, n) if excess else t
 
 
 @dataclass
