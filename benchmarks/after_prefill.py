@@ -1,9 +1,9 @@
 """How decode passes run just after a prefill, against the same passes with no prefill before them:
 the profile's after-prefill excess (Bench.after_prefill), for any decode shape.
 
-Each round, for each prefill size and none (the control) in shuffled order: untimed decodes that
-let the previous prefill's excess pass, one prefill of that many tokens (one row, on its own
-cache), then ten timed decodes of one shape. Printed per prefill size: each decode's median over
+Each round, for each prefill size and none (the control) in shuffled order: one prefill of that
+many tokens (one row, on its own cache), or for the control untimed decodes that let the previous
+prefill's excess pass, then ten timed decodes of one shape. Printed per prefill size: each decode's median over
 the control's, as `profile` stores it (never rising from one decode to the next).
 
     python benchmarks/after_prefill.py [--batch 1] [--context 256] [--rounds 20]
