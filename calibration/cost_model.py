@@ -20,14 +20,14 @@ most requests' first pass. The first decodes after a prefill run slower too, by 
 profile measured for that prefill's tokens and that decode's place after it (`after_prefill_time`):
 on this project's CPU hosts the first ran 1.2-2x, the fourth within a few percent.
 
-Inside a serving loop the model itself also runs slower than in the grid's back-to-back passes
-of one shape (on this project's CPU, 4-9% in the mean over many live runs: the loop's own work
-evicts what the passes keep cached, and shapes change every step). The profile times calibration
-floods through the live engine after each grid column; every forward pass is priced at the
-floods' measured seconds over what the grid predicts for the same steps (`serving_factor`), over
-the steps inside the grid's batch axes that the after-prefill excess does not price: a flood's
-decodes all follow one big prefill, and pooling its first decodes priced every decode 5-12% high
-on the hosts where they ran slow (calibration/validation/NOTES.md, "the sixteenth matrix").
+The model's own passes are priced at the grid's speed: no factor for "a serving loop runs the
+model slower". Such a factor, taken from the calibration floods' passes over the grid's price,
+was priced until the penalties above were measured one by one; on this project's CPU it then
+mostly carried the floods' own shape (one padded prefill of 8 rows, then a tail of slow decodes),
+and re-priced without it the live runs of six matrices on two hosts put 251 of their 288 figures
+within 10%, against 234 with it (calibration/validation/NOTES.md, "The serving factor, dropped").
+`validate` reports how fast the live runs' passes ran against this price, kind by kind, so a
+device whose serving loop does run the model slower shows it there.
 """
 
 from __future__ import annotations
@@ -220,21 +220,6 @@ class CostModel:
         self._after_tokens = [0.0, *after.tokens] if after else [0.0]
         self._after_excess = [[0.0] * len(after.excess[0]), *after.excess] if after else [[]]
         self.after_prefill_steps = len(self._after_excess[0])  # decodes after a prefill that pay an excess
-        self.serving_factor = 1.0
-        if mode.flood is not None:
-            f = mode.flood
-            # Only the flood steps the grid's batch axes span. Past them the regression prices a
-            # step, and its error would ride on every pass: a validate grid sized to batches of 4,
-            # under the flood's 8 rows, priced those steps at 1.1-1.3x what they took and the
-            # factor came out 5-10% low, every live run of the case "slow" by as much.
-            inside = (f.prefill_seqs <= self.prefill.batch[-1]) & (f.decode_seqs <= self.decode.batch[-1])
-            since = np.array(after_prefill_states((f.prefill_seqs * f.prefill_len).tolist())[1])
-            inside &= (since == 0) | (since > self.after_prefill_steps)  # a prefill, or a decode priced bare
-            grid = sum(self._grid_time(*shape) for shape in zip(
-                f.prefill_seqs[inside].astype(int).tolist(), f.prefill_len[inside].tolist(),
-                f.decode_seqs[inside].astype(int).tolist(), f.decode_context[inside].tolist()))
-            if grid:
-                self.serving_factor = float(f.forward_s[inside].sum()) / grid
         self._wake_gaps = [0.0, *mode.wake.gap_s]
         self._wake_extra = [0.0, *mode.wake.extra_s]
         conc = mode.concurrency
@@ -284,26 +269,22 @@ class CostModel:
             k = since + j
             excess = rows[i - 1][k] + (rows[i][k] - rows[i - 1][k]) * w
             total += excess * self.decode.at(seqs, context_sum / seqs + j)
-        return total * self.serving_factor
+        return total
 
     def decode_run(self, seqs: int, context_sum: float, repeat: int) -> float:
         """Seconds of `repeat` consecutive decode steps, each adding one token per row."""
-        return (self.decode.run_sum(seqs, context_sum / seqs, repeat) * self.serving_factor
+        return (self.decode.run_sum(seqs, context_sum / seqs, repeat)
                 + repeat * (self.overhead.step_s + seqs * self.overhead.row_s))  # a run copies nothing
-
-    def _grid_time(self, prefill_seqs: int, prefill_len: float, decode_seqs: int, decode_context: float) -> float:
-        """Seconds of a forward pass as the grid's back-to-back passes ran it."""
-        if not prefill_seqs:
-            return self.decode.at(decode_seqs, decode_context / decode_seqs)
-        t = self.prefill.at(prefill_seqs, prefill_len)
-        if decode_seqs:
-            t = self.decode.at(decode_seqs, decode_context / decode_seqs) + max(t - self.prefill.overhead, 0.0)
-        return t
 
     def forward_time(self, step) -> float:
         """Seconds inside the model for one scheduler Step (see sim.scheduler)."""
-        return self._grid_time(step.prefill_seqs, step.prefill_len, step.decode_seqs,
-                               step.decode_context) * self.serving_factor
+        if not step.prefill_seqs:
+            return self.decode.at(step.decode_seqs, step.decode_context / step.decode_seqs)
+        t = self.prefill.at(step.prefill_seqs, step.prefill_len)
+        if step.decode_seqs:  # a mixed pass pays the fixed per-pass overhead once
+            decode = self.decode.at(step.decode_seqs, step.decode_context / step.decode_seqs)
+            t = decode + max(t - self.prefill.overhead, 0.0)
+        return t
 
     def overhead_time(self, step) -> float:
         """Seconds of one Step outside the model."""

@@ -165,16 +165,12 @@ def device_speed_by_kind(steps: pd.DataFrame) -> dict[str, float]:
 
 
 def scaled(raw: dict, mode: str, speed: dict[str, float]) -> dict:
-    """A profile file whose prefill and decode times in `mode` are `speed[kind]` times the
-    measured ones: the grids' and each calibration flood step's by its kind, so each flood step
-    keeps its ratio to its grid, and the serving factor, their pooled ratio, all but stays."""
+    """A profile file whose prefill and decode grid times in `mode` are `speed[kind]` times the
+    measured ones. The engine's time outside the model is not the device's speed, and stays."""
     out = json.loads(json.dumps(raw))
     for kind in ("prefill", "decode"):
         grid = out["modes"][mode][kind]
         grid["median_s"] = [[None if v is None else v * speed[kind] for v in row] for row in grid["median_s"]]
-    flood = out["modes"][mode]["flood"]
-    flood["forward_s"] = [v * speed["prefill" if rows else "decode"]
-                          for v, rows in zip(flood["forward_s"], flood["prefill_seqs"])]
     out["command"] += (f"; prefill times x {speed['prefill']:.3f} and decode times x {speed['decode']:.3f}, "
                        "the device's speed during the live runs")
     return out

@@ -188,7 +188,7 @@ def main(argv=None) -> int:
             raise InputError(f"--modes: {e}") from None
 
         from calibration import profile as profile_file
-        from calibration.cost_model import CostModel, EngineOverhead, held_out_errors
+        from calibration.cost_model import EngineOverhead, held_out_errors
         from profiler.models import build
 
         device = pick_device(args)
@@ -219,9 +219,8 @@ def main(argv=None) -> int:
         print(f"  engine overhead outside the model: {EngineOverhead.fit(loaded)}", file=sys.stderr)
         for mode in loaded.modes.values():
             errs = held_out_errors(mode)
-            factor = f"{CostModel(mode).serving_factor:.3f}" if mode.flood else "n/a"
-            print(f"  {mode.name:<16} held-out error  prefill {errs['prefill']}   decode {errs['decode']}   "
-                  f"serving factor {factor}", file=sys.stderr)
+            print(f"  {mode.name:<16} held-out error  prefill {errs['prefill']}   decode {errs['decode']}",
+                  file=sys.stderr)
         if not args.no_report:
             from reports.profile_report import write_report
 

@@ -214,9 +214,7 @@ def run_live(engine: LiveEngine, scheduler, trace: Trace) -> LiveRun:
 
 def calibration_flood(engine: LiveEngine) -> LiveRun:
     """A flood of 8 short requests, all arriving at once, through continuous batching: the serving
-    loop kept busy. Its steps, priced by a profile's grid, show how much slower the model runs
-    inside a serving loop than in the grid's back-to-back passes (CostModel.serving_factor), and
-    what the loop costs outside the model (EngineOverhead)."""
+    loop kept busy. Its steps show what the loop costs outside the model (EngineOverhead)."""
     rng = np.random.default_rng(0)
     requests = 8
     trace = Trace(np.zeros(requests), rng.integers(16, 128, requests), rng.integers(8, 32, requests))

@@ -131,7 +131,7 @@ def freeze_heap() -> None:
     Otherwise every full collection walks the heap torch and transformers leave behind (374,000
     objects with llama-tiny built: 164 ms a collection on this project's CPU) and lands, as a
     stall, inside whatever runs when it starts: a validation caught one of 189 ms inside a
-    calibration flood, whose steps set the serving factor, and a live decode step priced at
+    calibration flood, whose steps set the engine overhead, and a live decode step priced at
     3.9 ms took 208 ms, a collection's length, paid by every request in the batch and behind it.
     Frozen, a full collection walks only what was allocated since: milliseconds at most."""
     gc.collect()
@@ -397,8 +397,7 @@ def padding_mask(b: int, length: int, device: torch.device) -> torch.Tensor | No
     this project's CPU 2- to 4-row decode steps ran 4-20% slower with a mask, 8 and 16 rows
     -17% to +13% with no steady sign. Any padding takes that path and costs the same, so row 0
     has one padded column. Timing the grid unmasked had priced the live runs' 2-row steps 21%
-    low, and the calibration floods' mostly masked steps then raised every price through the
-    serving factor."""
+    low."""
     if b < 2:
         return None
     mask = torch.ones(b, length, dtype=torch.long, device=device)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 
-from calibration.cost_model import CostModel, EngineOverhead, held_out_errors
+from calibration.cost_model import EngineOverhead, held_out_errors
 from calibration.profile import Profile
 from reports.html import figure, page, table
 
@@ -89,7 +89,7 @@ def write_report(profile: Profile, path: Path) -> None:
         err = held_out_errors(mode)
         mb = mode.raw.get("max_batch") or {}
         shared = mode.raw.get("passes_of")
-        flood = (f"{CostModel(mode).serving_factor:.3f} ({len(mode.flood.forward_s)} steps)" if mode.flood
+        flood = (f"{len(mode.flood.forward_s)} steps" if mode.flood
                  else "none (no KV cache" + (f"; its passes timed once, as {shared}'s)" if shared else ")"))
         modes_rows.append([
             mode.name, mode.dtype, "yes" if mode.kv_cache else "no", "yes" if mode.compiled else "no",
@@ -101,12 +101,11 @@ def write_report(profile: Profile, path: Path) -> None:
     sections = [
         "<h2>Modes</h2>",
         table(["mode", "dtype", "KV cache", "compiled", "weights", "KV per token", "largest batch",
-               "prefill held-out error (median / max)", "decode held-out error", "serving factor"], modes_rows),
+               "prefill held-out error (median / max)", "decode held-out error", "calibration floods"], modes_rows),
         "<p>Held-out error: each grid line left out in turn and predicted from the rest "
-        "(interior lines test interpolation, edge lines extrapolation). Serving factor: the seconds "
-        "the model took inside calibration floods through the live engine (one after each grid column) "
-        "over what the grid predicts for the same passes, leaving out the first decodes after each "
-        "flood's prefill, which the after-prefill excess below prices; the simulator prices every pass at it.</p>",
+        "(interior lines test interpolation, edge lines extrapolation). Calibration floods: the live "
+        "engine's steps through floods of short requests (one after each grid column), from which the "
+        "engine overhead above is fitted.</p>",
         "<div class='grid'>" + figure(_curves(profile, "prefill"), "prefill") +
         figure(_curves(profile, "decode"), "decode") + "</div>",
         figure(_decode_throughput(profile), "throughput"),

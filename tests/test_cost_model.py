@@ -130,43 +130,27 @@ def test_slowdown_interpolates_measured_concurrency():
     assert cm.slowdown(8) == pytest.approx(16.0)  # beyond the grid: proportional time-slicing
 
 
-def test_forward_passes_are_priced_at_the_calibration_floods_speed():
+def test_forward_passes_are_priced_at_the_grids_speed_and_the_floods_set_the_engine_overhead():
+    """However slowly the floods' passes ran, the model's passes cost what the grid says: a serving
+    factor from the floods carried their own shape on this CPU (calibration/validation/NOTES.md,
+    "The serving factor, dropped"). What the floods' steps spent outside the model is the overhead."""
     from sim.errors import InputError
 
     raw = synthetic_profile(prefill=lambda b, p: 0.01 + 1e-5 * b * p, decode=lambda b, c: 0.002 + 1e-6 * b * c)
     steps = [Step(prefill_seqs=1, prefill_len=100), Step(decode_seqs=4, decode_context=400),
              Step(prefill_seqs=3, prefill_len=64), Step(decode_seqs=8, decode_context=2000)]
     bare = CostModel(parse(raw, "synthetic").modes["fp16"])
-    assert bare.serving_factor == 1.0  # no flood measured: the grid's own speed
-    # the live engine ran the first two steps 20% and the others 5% slower than the grid
-    raw["modes"]["fp16"]["flood"] = flood_section(
-        steps, [bare.forward_time(s) * k for s, k in zip(steps, (1.2, 1.2, 1.05, 1.05))], [3e-4] * 4)
-    cm = CostModel(parse(raw, "synthetic").modes["fp16"])
-    grid = [bare.forward_time(s) for s in steps]
-    factor = (1.2 * (grid[0] + grid[1]) + 1.05 * (grid[2] + grid[3])) / sum(grid)
-    assert cm.serving_factor == pytest.approx(factor)  # time-weighted: long passes count for more
+    raw["modes"]["fp16"]["flood"] = flood_section(steps, [bare.forward_time(s) * 1.2 for s in steps], [3e-4] * 4)
+    profile = parse(raw, "synthetic")
+    cm = CostModel.of(profile, profile.modes["fp16"])
     for s in steps + [Step(prefill_seqs=2, prefill_len=50, decode_seqs=3, decode_context=300)]:
-        assert cm.forward_time(s) == pytest.approx(factor * bare.forward_time(s))
-    assert cm.decode_run(4, 400, 50) == pytest.approx(factor * bare.decode_run(4, 400, 50))
+        assert cm.forward_time(s) == pytest.approx(bare.forward_time(s))
+        assert cm.overhead_time(s) == pytest.approx(3e-4)
+    assert bare.overhead_time(steps[0]) == 0.0  # no flood measured: no overhead priced
 
     raw["modes"]["fp16"]["flood"]["decode_seqs"].pop()
     with pytest.raises(InputError, match=r"modes\.fp16\.flood\.decode_seqs: expected 4 values"):
         parse(raw, "synthetic")
-
-
-def test_the_serving_factor_counts_only_the_flood_steps_inside_the_grids_batch_axes():
-    """A grid sized to a scenario's batches of 2 under a flood of 8 rows: the steps past the grid
-    are priced by the regression, whose error must not become the factor on every pass."""
-    raw = synthetic_profile(prefill=lambda b, p: 0.01 + 1e-5 * b * p, decode=lambda b, c: 0.002 + 1e-6 * b * c)
-    for kind in ("prefill", "decode"):
-        grid = raw["modes"]["fp16"][kind]
-        grid["batch"], grid["median_s"] = grid["batch"][:2], grid["median_s"][:2]
-    bare = CostModel(parse(raw, "synthetic").modes["fp16"])
-    inside = [Step(prefill_seqs=2, prefill_len=100), Step(decode_seqs=2, decode_context=400)]
-    outside = [Step(prefill_seqs=8, prefill_len=100), Step(decode_seqs=8, decode_context=1600)]
-    seconds = [1.1 * bare.forward_time(s) for s in inside] + [0.5 * bare.forward_time(s) for s in outside]
-    raw["modes"]["fp16"]["flood"] = flood_section(inside + outside, seconds, [3e-4] * 4)
-    assert CostModel(parse(raw, "synthetic").modes["fp16"]).serving_factor == pytest.approx(1.1)
 
 
 def test_decodes_after_a_prefill_pay_the_excess_measured_for_its_tokens_and_their_place():
@@ -184,21 +168,6 @@ def test_decodes_after_a_prefill_pay_the_excess_measured_for_its_tokens_and_thei
     # A run of 5 decodes starting at the second after a prefill: the 2nd and 3rd pay, the rest run bare.
     assert cm.after_prefill_time(1000, 1, 4, 1000, 5) == pytest.approx(0.4 * d[0] + 0.2 * d[1])
     assert cm.after_prefill_time(1000, 3, 4, 1000, 5) == 0.0
-
-
-def test_the_serving_factor_leaves_out_the_decodes_the_after_prefill_excess_prices():
-    """A flood's decodes all follow one prefill: its first ones, slow, must not raise the price of
-    every decode; the excess prices them."""
-    decode = lambda b, c: 0.002 + 1e-6 * b * c  # noqa: E731
-    steps = [Step(prefill_seqs=8, prefill_len=100)] + [Step(decode_seqs=8, decode_context=8 * (100 + k))
-                                                       for k in range(6)]
-    bare = CostModel(parse(synthetic_profile(decode=decode), "synthetic").modes["fp16"])
-    speed = (1.1, 1.8, 1.5, 1.1, 1.1, 1.1, 1.1)  # the first two decodes after the prefill ran slow
-    flood = flood_section(steps, [bare.forward_time(s) * k for s, k in zip(steps, speed)], [3e-4] * len(steps))
-    with_excess = synthetic_profile(decode=decode, flood=flood, after_prefill=((800,), ((0.6, 0.4),)))
-    assert CostModel(parse(with_excess, "synthetic").modes["fp16"]).serving_factor == pytest.approx(1.1)
-    pooled = CostModel(parse(synthetic_profile(decode=decode, flood=flood), "synthetic").modes["fp16"])
-    assert pooled.serving_factor > 1.2  # without the excess measured, every step as before
 
 
 @pytest.mark.parametrize("tokens,excess,message", [

@@ -53,8 +53,16 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     assert flood.prefill_seqs.sum() == 32 and flood.decode_seqs.max() == 8
     assert (flood.overhead_s > 0).all() and flood.reshuffle_tokens.any()  # rows left, and were copied out
     from calibration.cost_model import CostModel, EngineOverhead
+    from sim.scheduler import Step
 
-    assert 0.5 < CostModel(cached).serving_factor < 2.0
+    # The floods' passes, timed inside the live engine, cost what the grid prices them at to within
+    # 2x: the grid times the model the engine runs.
+    cost = CostModel(cached)
+    shapes = zip(flood.prefill_seqs.tolist(), flood.prefill_len.tolist(), flood.decode_seqs.tolist(),
+                 flood.decode_context.tolist())
+    priced = sum(cost.forward_time(Step(prefill_seqs=int(b), prefill_len=p, decode_seqs=int(d), decode_context=c))
+                 for b, p, d, c in shapes)
+    assert 0.5 < flood.forward_s.sum() / priced < 2.0
     # The live engine's loop outside the model, fitted from the floods: real, far below a step of the
     # model itself, and over the floods' steps it adds up to what they spent outside the model.
     overhead = EngineOverhead.fit(profile)

@@ -91,9 +91,7 @@ def test_at_run_speed_prices_prefill_and_decode_each_at_its_own_speed():
     for b, x in ((1, 100), (4, 300), (16, 1000)):
         assert after.prefill.at(b, x) == pytest.approx(1.5 * before.prefill.at(b, x))
         assert after.decode.at(b, x) == pytest.approx(0.8 * before.decode.at(b, x))
-    # Each flood step keeps its ratio to its own grid, so the serving factor barely moves; the
-    # engine's time outside the model is not the device's speed, and stays.
-    assert after.serving_factor == pytest.approx(before.serving_factor, rel=0.02)
+    # The engine's time outside the model is not the device's speed, and stays.
     assert after.overhead == before.overhead
 
 
