@@ -24,10 +24,10 @@ The model's own passes are priced at the grid's speed: no factor for "a serving 
 model slower". Such a factor, taken from the calibration floods' passes over the grid's price,
 was priced until the penalties above were measured one by one; on this project's CPU it then
 mostly carried the floods' own shape (one padded prefill of 8 rows, then a tail of slow decodes),
-and priced both ways the live runs of eight matrices on two hosts put 341 of their 384 figures
-within 10% without it, against 320 with it (calibration/validation/NOTES.md, "The serving factor, dropped").
-`validate` reports how fast the live runs' passes ran against this price, kind by kind, so a
-device whose serving loop does run the model slower shows it there.
+and priced both ways the live runs of ten matrices on two hosts put 415 of their 480 figures
+within 10% without it, against 388 with it (calibration/validation/NOTES.md, "The serving
+factor, dropped"). `validate` reports how fast the live runs' passes ran against this price,
+kind by kind, so a device whose serving loop does run the model slower shows it there.
 """
 
 from __future__ import annotations
