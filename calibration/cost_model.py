@@ -17,8 +17,9 @@ of a step, and a simulator that leaves it out is optimistic. It is fitted from t
 floods' steps (EngineOverhead). And the first pass after the device sat idle pays the wake
 penalty the profile measured for that gap (cold caches, lowered clocks): at low load that is
 most requests' first pass. The first decodes after a prefill run slower too, by the fraction the
-profile measured for that prefill's tokens and that decode's place after it (`after_prefill_time`):
-on this project's CPU hosts the first ran 1.2-2x, the fourth within a few percent.
+profile measured for that prefill's tokens, that decode's rows and its place after the prefill
+(`after_prefill_time`): on this project's CPU hosts the first ran 1.2-2x, the fourth within a few
+percent, and sixteen rows paid less of it than four, thirty-two far less.
 
 The model's own passes are priced at the grid's speed: no factor for "a serving loop runs the
 model slower". Such a factor, taken from the calibration floods' passes over the grid's price,
@@ -218,8 +219,12 @@ class CostModel:
         self.decode = Surface(mode.decode, quadratic=not mode.kv_cache)
         after = mode.after_prefill
         self._after_tokens = [0.0, *after.tokens] if after else [0.0]
-        self._after_excess = [[0.0] * len(after.excess[0]), *after.excess] if after else [[]]
-        self.after_prefill_steps = len(self._after_excess[0])  # decodes after a prefill that pay an excess
+        self._after_rows = np.array(after.rows if after else (1,), float)
+        # excess[r][i][k], with none after a prefill of no tokens: (rows, 1 + tokens, decodes)
+        excess = np.array(after.excess if after else [[[]]], float)
+        self._after_excess = np.concatenate([np.zeros_like(excess[:, :1]), excess], axis=1)
+        self._after_tables: dict[int, list[list[float]]] = {}  # by decode rows (after_table)
+        self.after_prefill_steps = self._after_excess.shape[2]  # decodes after a prefill that pay an excess
         self._wake_gaps = [0.0, *mode.wake.gap_s]
         self._wake_extra = [0.0, *mode.wake.extra_s]
         conc = mode.concurrency
@@ -256,20 +261,35 @@ class CostModel:
         """Extra seconds of `repeat` consecutive decode steps of `seqs` rows over `context_sum`
         cached tokens, the first of them the (since + 1)-th decode after a prefill of `tokens`
         tokens: each step's price times the fraction the profile measured for its place,
-        interpolated over the prefill's tokens (none after none), the largest measured prefill's
-        figure after any larger one."""
+        interpolated over the prefill's tokens (none after none) and the decode's rows, held at
+        the largest measured prefill's and the nearest measured row count's figure beyond them."""
         steps = self.after_prefill_steps
         if not tokens or since >= steps:
             return 0.0
-        knots, rows = self._after_tokens, self._after_excess
+        knots, table = self._after_tokens, self.after_table(seqs)
         i = min(bisect_right(knots, tokens), len(knots) - 1)
         w = min((tokens - knots[i - 1]) / (knots[i] - knots[i - 1]), 1.0)
         total = 0.0
         for j in range(min(repeat, steps - since)):
             k = since + j
-            excess = rows[i - 1][k] + (rows[i][k] - rows[i - 1][k]) * w
+            excess = table[i - 1][k] + (table[i][k] - table[i - 1][k]) * w
             total += excess * self.decode.at(seqs, context_sum / seqs + j)
         return total
+
+    def after_table(self, seqs: int) -> list[list[float]]:
+        """The after-prefill excess of decodes of `seqs` rows, by prefill tokens (0 first) and
+        decode place: linear between the measured row counts, theirs beyond them.
+
+        Measured by row count because it is not one fraction: after a 1,024-token prefill the
+        first ten decodes of gpt2-tiny summed 1.29 decode prices of excess at one row, 2.03 at
+        four, 1.81 at sixteen and 0.42 at thirty-two (benchmarks/after_prefill.py, one hour)."""
+        table = self._after_tables.get(seqs)
+        if table is None:
+            rows = self._after_rows
+            weights = [np.interp(seqs, rows, unit) for unit in np.eye(len(rows))]
+            table = np.tensordot(weights, self._after_excess, axes=1).tolist()
+            self._after_tables[seqs] = table
+        return table
 
     def decode_run(self, seqs: int, context_sum: float, repeat: int) -> float:
         """Seconds of `repeat` consecutive decode steps, each adding one token per row."""

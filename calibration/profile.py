@@ -24,8 +24,8 @@ from sim.errors import InputError
 from sim.fields import Fields
 from sim.files import write_atomic
 
-SCHEMA_VERSION = 5  # 3: each mode's wake penalty; 4: calibration floods; 5: engine overhead from the floods
-# (and since, optional: each KV-cache mode's after_prefill section; a profile without it prices no excess)
+SCHEMA_VERSION = 6  # 3: each mode's wake penalty; 4: calibration floods; 5: engine overhead from the floods
+# (and an optional after_prefill section, timed on 4 rows); 6: after_prefill timed at several row counts
 SHIPPED = Path(__file__).parent / "profiles"
 
 
@@ -49,11 +49,13 @@ class Wake:
 @dataclass(frozen=True)
 class AfterPrefill:
     """How much slower the decode passes just after a prefill run than the same passes with none
-    before them: `excess[i][k]` is the fraction the (k+1)-th decode after a prefill of `tokens[i]`
-    tokens (ascending) takes extra. Decodes past the last measured one run at their grid price."""
+    before them: `excess[r][i][k]` is the fraction the (k+1)-th decode of `rows[r]` rows after a
+    prefill of `tokens[i]` tokens takes extra (rows and tokens ascending). Decodes past the last
+    measured one run at their grid price."""
 
+    rows: tuple[int, ...]
     tokens: tuple[float, ...]
-    excess: tuple[tuple[float, ...], ...]
+    excess: tuple[tuple[tuple[float, ...], ...], ...]
 
 
 @dataclass(frozen=True)
@@ -174,22 +176,30 @@ def _wake(section: Fields) -> Wake:
 
 
 def _after_prefill(section: Fields) -> AfterPrefill:
+    rows = section.nums("rows", positive=True)
     tokens = section.nums("tokens", positive=True)
-    if sorted(set(tokens)) != tokens:
-        section.fail("must be strictly ascending", "tokens")
-    rows = section.raw("excess")
-    if not isinstance(rows, list) or len(rows) != len(tokens):
-        section.fail(f"expected {len(tokens)} rows (one per prefill size in tokens)", "excess")
-    width = len(rows[0]) if isinstance(rows[0], list) else 0
-    for i, row in enumerate(rows):
-        if not (isinstance(row, list) and width and len(row) == width and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in row)):
-            section.fail(f"row {i} must be fractions >= 0, one per decode after the prefill, as many in every row",
-                         "excess")
-    section.num("decode_batch", positive=True, integer=True)  # the decode shape timed
-    section.num("decode_context", positive=True, integer=True)
+    for key, knots in (("rows", rows), ("tokens", tokens)):
+        if sorted(set(knots)) != knots:
+            section.fail("must be strictly ascending", key)
+    if any(r != int(r) for r in rows):
+        section.fail("must be whole row counts", "rows")
+    tables = section.raw("excess")
+    if not isinstance(tables, list) or len(tables) != len(rows):
+        section.fail(f"expected {len(rows)} tables (one per row count)", "excess")
+    width = None
+    for r, table in enumerate(tables):
+        if not isinstance(table, list) or len(table) != len(tokens):
+            section.fail(f"table {r} must have {len(tokens)} rows (one per prefill size in tokens)", "excess")
+        for i, row in enumerate(table):
+            width = width or (len(row) if isinstance(row, list) else 0)
+            if not (isinstance(row, list) and width and len(row) == width and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in row)):
+                section.fail(f"table {r} row {i} must be fractions >= 0, one per decode after the prefill, "
+                             "as many in every row", "excess")
+    section.num("decode_context", positive=True, integer=True)  # the decodes' context, timed at the grid's middle
     section.done()
-    return AfterPrefill(tuple(tokens), tuple(tuple(float(v) for v in row) for row in rows))
+    return AfterPrefill(tuple(int(r) for r in rows), tuple(tokens),
+                        tuple(tuple(tuple(float(v) for v in row) for row in table) for table in tables))
 
 
 def _flood(section: Fields) -> Flood:

@@ -27,7 +27,6 @@ from calibration.profile import Flood
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LENGTH_SPREAD = 16  # a prefill point of length L times L-8 .. L+7 in turn (Bench.prefill)
 AFTER_PREFILL_DECODES = 10  # decodes timed after each prefill (Bench.after_prefill): within 5% by the 4th-6th here
-AFTER_PREFILL_ROWS = 4  # rows of those decodes: between a quiet server's one and a busy one's many
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,8 @@ class GridSpec:
     concurrency_workers: tuple[int, ...] = (1, 2, 4, 8)
     wake_gaps_s: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1)  # idle gaps before a pass (wake_penalty)
     wake_rounds: int = 20
-    # Rounds of after_prefill: each prefills every grid prompt length once (about 1 s on the CPU grid).
+    # Rounds of after_prefill: each prefills every grid prompt length once (about 1 s on the CPU grid),
+    # for each of its row counts (after_prefill_rows).
     after_prefill_rounds: int = 10
 
 
@@ -63,6 +63,16 @@ def decode_batches(limit: int) -> tuple[int, ...]:
     """
     sizes = list(range(1, min(limit, 16) + 1)) + list(range(24, limit + 1, 8))
     return tuple(sizes) if sizes[-1] == limit else (*sizes, limit)
+
+
+def after_prefill_rows(limit: int) -> tuple[int, ...]:
+    """The decode row counts Bench.after_prefill times: the powers of 4 below `limit`, and `limit`.
+    The excess moves with the rows far more than along a line (see CostModel.after_table), and
+    each row count costs a round of prefills, so a few spread over the decode grid."""
+    rows = [1]
+    while rows[-1] * 4 < limit:
+        rows.append(rows[-1] * 4)
+    return tuple(rows) if rows[-1] == limit else (*rows, limit)
 
 
 GRIDS = {
@@ -315,23 +325,31 @@ class Bench:
         extra = [max(statistics.median(times[gap]) - busy, 0.0) for gap in spec.wake_gaps_s]
         return {"gap_s": list(spec.wake_gaps_s), "extra_s": non_decreasing(extra)}
 
-    def after_prefill(self, rows: int = AFTER_PREFILL_ROWS) -> dict:
+    def after_prefill(self, rows: tuple[int, ...] | None = None) -> dict:
         """How much slower the decodes just after a prefill run than the same decodes with none
-        before them, by the prefill's tokens (the grid's prompt lengths, one row each) and the
-        decode's place after it (KV-cache modes only).
+        before them, by the decode's rows (default: after_prefill_rows over the decode grid), the
+        prefill's tokens (the grid's prompt lengths, one row each) and the decode's place after it
+        (KV-cache modes only), as the profile's after_prefill section stores it.
 
         Back-to-back grid passes of one shape never see it, and a serving loop pays it after
         every prefill: on this project's CPU hosts the first decode after a 1,024-token prefill
         ran 1.4-2x, the fourth within 5% (benchmarks/after_prefill.py; the cause was not found).
-        The fraction depends on the decode's size too (one row paid 1.73x where eight paid 1.40x,
-        the same hour), so it is timed on `rows` rows over the grid's middle context.
-        Each round takes the sizes and the control (no prefill) in shuffled order; the control
-        first lets the previous prefill's excess pass in untimed decodes (a prefill resets it)."""
+        Timed over the grid's middle context, one row count after another (one cache at a time:
+        a GPU's largest decode batch fills much of its memory). Each round takes the prefill sizes
+        and the control (no prefill) in shuffled order; the control first lets the previous
+        prefill's excess pass in untimed decodes (a prefill resets it)."""
         spec = self.spec
         context = spec.decode_context[(len(spec.decode_context) - 1) // 2]
+        prompt = self._ids(1, spec.prefill_length[-1])
+        rows = rows or after_prefill_rows(max(spec.decode_batch))
+        return {"rows": list(rows), "tokens": list(spec.prefill_length),
+                "excess": [self._after_prefill_excess(r, context, prompt) for r in rows], "decode_context": context}
+
+    def _after_prefill_excess(self, rows: int, context: int, prompt: torch.Tensor) -> list[list[float]]:
+        """Bench.after_prefill's table for decodes of `rows` rows: by prefill size, by decode."""
+        spec = self.spec
         cache, ids = self.synthetic_cache(rows, context), self._ids(rows, 1)
         mask = padding_mask(rows, context + 1, self.device)  # as the grid's decodes attend
-        prompt = self._ids(1, spec.prefill_length[-1])
 
         def decode() -> float:
             start = time.perf_counter()
@@ -357,9 +375,8 @@ class Bench:
                         times[n][k].append(decode())
         control = statistics.median(t for decodes in times[0] for t in decodes)
         # The device recovers as the decodes go on, so a rise from one to the next is noise: pooled.
-        excess = [non_decreasing([max(statistics.median(t) / control - 1.0, 0.0) for t in times[n]][::-1])[::-1]
-                  for n in spec.prefill_length]
-        return {"tokens": list(spec.prefill_length), "excess": excess, "decode_batch": rows, "decode_context": context}
+        return [non_decreasing([max(statistics.median(t) / control - 1.0, 0.0) for t in times[n]][::-1])[::-1]
+                for n in spec.prefill_length]
 
     def concurrency(self, workers: int, context: int = 256, steps: int = 20) -> float:
         """Mean decode-step seconds per worker when `workers` threads share the device, each

@@ -117,16 +117,18 @@ def write_report(profile: Profile, path: Path) -> None:
     memory = _memory(profile)
     if memory is not None:
         sections.append(figure(memory, "memory"))
-    after_rows = [[m.name, f"{tokens:g}"] + [f"+{e:.0%}" for e in row]
+    after_rows = [[m.name, str(rows), f"{tokens:g}"] + [f"+{e:.0%}" for e in row]
                   for m in profile.modes.values() if m.after_prefill
-                  for tokens, row in zip(m.after_prefill.tokens, m.after_prefill.excess)]
+                  for rows, excess in zip(m.after_prefill.rows, m.after_prefill.excess)
+                  for tokens, row in zip(m.after_prefill.tokens, excess)]
     if after_rows:
-        decodes = len(after_rows[0]) - 2
+        decodes = len(after_rows[0]) - 3
         sections += ["<h2>Decodes just after a prefill</h2>",
-                     "<p>How much slower each of the first decodes after a prefill (one row of that many "
-                     "tokens) ran than the same decode with none before it; the simulator adds it to "
-                     "those decodes' price.</p>",
-                     table(["mode", "prefill tokens"] + [f"decode {k + 1}" for k in range(decodes)], after_rows)]
+                     "<p>How much slower each of the first decodes of that many rows after a prefill (one "
+                     "row of that many tokens) ran than the same decode with none before it; the simulator "
+                     "adds it to those decodes' price, interpolated over rows and tokens.</p>",
+                     table(["mode", "decode rows", "prefill tokens"] + [f"decode {k + 1}" for k in range(decodes)],
+                           after_rows)]
     conc_rows = [[m.name] + [f"{k} workers: {v * 1000:.2f} ms" for k, v in sorted(m.concurrency.items())]
                  for m in profile.modes.values() if m.concurrency]
     if conc_rows:

@@ -18,7 +18,7 @@ def synthetic_profile(prefill=lambda b, p: 0.01, decode=lambda b, c: 0.001, memo
                       weights_bytes=10**6, kv_bytes_per_token=1000, model_load_s=5.0, concurrency=None,
                       flood=None, wake=((0.01, 0.1), (0.0, 0.0)), after_prefill=None) -> dict:
     """A valid profile whose grid holds prefill(b, p) and decode(b, c) seconds, with an optional
-    calibration flood section (see flood_section) and after-prefill excess ((tokens, excess))."""
+    calibration flood section (see flood_section) and after-prefill excess ((rows, tokens, excess))."""
     batches, lengths, contexts = [1, 2, 4, 8, 16, 32, 64], [16, 64, 256, 1024, 4096], [16, 64, 256, 1024, 4096]
     mode = {
         "dtype": "fp16", "kv_cache": True, "compiled": False,
@@ -30,8 +30,9 @@ def synthetic_profile(prefill=lambda b, p: 0.01, decode=lambda b, c: 0.001, memo
     if flood:
         mode["flood"] = flood
     if after_prefill:
-        mode["after_prefill"] = {"tokens": list(after_prefill[0]), "excess": [list(row) for row in after_prefill[1]],
-                                 "decode_batch": 4, "decode_context": 256}
+        rows, tokens, excess = after_prefill
+        mode["after_prefill"] = {"rows": list(rows), "tokens": list(tokens), "decode_context": 256,
+                                 "excess": [[list(row) for row in table] for table in excess]}
     if concurrency:
         mode["concurrency"] = {"workers": list(concurrency), "step_s": list(concurrency.values())}
     return {"schema_version": SCHEMA_VERSION, "name": "synthetic", "model_load_s": model_load_s,

@@ -8,6 +8,7 @@ import sys
 import pytest
 import yaml
 
+from calibration.profile import SCHEMA_VERSION
 from conftest import ROOT, base_scenario
 
 
@@ -92,7 +93,7 @@ def test_bad_trace_row_is_named_by_line_and_column(tmp_path, write_profile):
 @pytest.mark.parametrize("content,message", [
     ("{not json", "invalid JSON"),
     ('{"schema_version": 99}', "schema_version: is 99"),
-    ('{"schema_version": 5, "name": "x"}', "device: is required"),
+    (f'{{"schema_version": {SCHEMA_VERSION}, "name": "x"}}', "device: is required"),
 ])
 def test_corrupt_profiles_are_rejected_clearly(tmp_path, content, message):
     bad = tmp_path / "bad.json"

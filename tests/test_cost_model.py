@@ -153,9 +153,10 @@ def test_forward_passes_are_priced_at_the_grids_speed_and_the_floods_set_the_eng
         parse(raw, "synthetic")
 
 
-def test_decodes_after_a_prefill_pay_the_excess_measured_for_its_tokens_and_their_place():
+def test_decodes_after_a_prefill_pay_the_excess_measured_for_its_tokens_rows_and_place():
     raw = synthetic_profile(decode=lambda b, c: 0.002 + 1e-6 * b * c,
-                            after_prefill=((100, 1000), ((0.5, 0.2, 0.1), (1.0, 0.4, 0.2))))
+                            after_prefill=((4, 16), (100, 1000), (((0.5, 0.2, 0.1), (1.0, 0.4, 0.2)),
+                                                                  ((0.1, 0.0, 0.0), (0.2, 0.1, 0.0)))))
     cm = CostModel(parse(raw, "synthetic").modes["fp16"])
     bare = CostModel(parse(synthetic_profile(decode=lambda b, c: 0.002 + 1e-6 * b * c), "synthetic").modes["fp16"])
     assert bare.after_prefill_time(1000, 0, 4, 1000, 5) == 0.0  # a profile measured before the excess
@@ -168,16 +169,22 @@ def test_decodes_after_a_prefill_pay_the_excess_measured_for_its_tokens_and_thei
     # A run of 5 decodes starting at the second after a prefill: the 2nd and 3rd pay, the rest run bare.
     assert cm.after_prefill_time(1000, 1, 4, 1000, 5) == pytest.approx(0.4 * d[0] + 0.2 * d[1])
     assert cm.after_prefill_time(1000, 3, 4, 1000, 5) == 0.0
+    # By rows: linear between the measured counts, the nearest one's figure beyond them.
+    for seqs, fraction in ((10, 0.6), (16, 0.2), (32, 0.2), (1, 1.0)):
+        assert cm.after_prefill_time(1000, 0, seqs, 250 * seqs, 1) == pytest.approx(fraction * cm.decode.at(seqs, 250))
 
 
-@pytest.mark.parametrize("tokens,excess,message", [
-    ((100, 1000), ((0.5, 0.2), (0.4,)), r"after_prefill\.excess: row 1 must be fractions >= 0"),
-    ((100,), ((0.5, -0.2),), r"after_prefill\.excess: row 0 must be fractions >= 0"),
-    ((100, 1000), ((0.5, 0.2),), r"after_prefill\.excess: expected 2 rows"),
-    ((1000, 100), ((0.5,), (0.4,)), r"after_prefill\.tokens: must be strictly ascending"),
+@pytest.mark.parametrize("rows,tokens,excess,message", [
+    ((4,), (100, 1000), (((0.5, 0.2), (0.4,)),), r"after_prefill\.excess: table 0 row 1 must be fractions >= 0"),
+    ((4,), (100,), (((0.5, -0.2),),), r"after_prefill\.excess: table 0 row 0 must be fractions >= 0"),
+    ((4,), (100, 1000), (((0.5, 0.2),),), r"after_prefill\.excess: table 0 must have 2 rows"),
+    ((4, 16), (100,), (((0.5,),),), r"after_prefill\.excess: expected 2 tables \(one per row count\)"),
+    ((4,), (1000, 100), (((0.5,), (0.4,)),), r"after_prefill\.tokens: must be strictly ascending"),
+    ((16, 4), (100,), (((0.5,),), ((0.4,),)), r"after_prefill\.rows: must be strictly ascending"),
+    ((2.5,), (100,), (((0.5,),),), r"after_prefill\.rows: must be whole row counts"),
 ])
-def test_a_malformed_after_prefill_section_is_named(tokens, excess, message):
+def test_a_malformed_after_prefill_section_is_named(rows, tokens, excess, message):
     from sim.errors import InputError
 
     with pytest.raises(InputError, match=r"synthetic: modes\.fp16\." + message):
-        parse(synthetic_profile(after_prefill=(tokens, excess)), "synthetic")
+        parse(synthetic_profile(after_prefill=(rows, tokens, excess)), "synthetic")

@@ -39,7 +39,8 @@ ENGINE_FLOOD = flood_section(
     [Step(prefill_seqs=4, prefill_len=64), Step(decode_seqs=4, decode_context=300),
      Step(decode_seqs=2, decode_context=160, reshuffle_tokens=160), Step(decode_seqs=1, decode_context=81)],
     [0.004, 0.0021, 0.0021, 0.002], [5e-4, 3.5e-4, 4e-4, 2.8e-4])
-AFTER_PREFILL = ((64, 1024), ((0.3, 0.1, 0.05), (0.8, 0.4, 0.1)))  # a run's first decodes cost more
+AFTER_PREFILL = ((1, 16), (64, 1024), (((0.3, 0.1, 0.05), (0.8, 0.4, 0.1)),  # a run's first decodes cost more
+                                       ((0.1, 0.05, 0.0), (0.4, 0.1, 0.05))))
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -20,7 +20,7 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
     from calibration.profile import load
-    from profiler.measure import AFTER_PREFILL_DECODES
+    from profiler.measure import AFTER_PREFILL_DECODES, after_prefill_rows
 
     profile = load(out)
     assert set(profile.modes) == {"fp32-nocache", "fp32"}
@@ -38,12 +38,15 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     for mode in (cached, baseline):
         extra = mode.wake.extra_s
         assert len(extra) == len(mode.wake.gap_s) and min(extra) >= 0 and list(extra) == sorted(extra)
-    # The decodes just after a prefill: for each prompt length of the grid, how much slower each of
-    # the first decodes ran, never more than the one before it; none measured without a KV cache.
+    # The decodes just after a prefill: for each decode row count and each prompt length of the
+    # grid, how much slower each of the first decodes ran, never more than the one before it; none
+    # measured without a KV cache.
     after = cached.after_prefill
     assert baseline.after_prefill is None and after.tokens == tuple(cached.prefill.x)
-    for row in after.excess:
-        assert len(row) == AFTER_PREFILL_DECODES and min(row) >= 0 and list(row) == sorted(row, reverse=True)
+    assert after.rows == after_prefill_rows(int(cached.decode.batch[-1])) == (1, 4)
+    for table in after.excess:
+        for row in table:
+            assert len(row) == AFTER_PREFILL_DECODES and min(row) >= 0 and list(row) == sorted(row, reverse=True)
     # Calibration floods through the live engine, one of 8 requests after each grid column (the
     # quick grid: 4 columns, one sweep): every step a prefill or a decode of at most 8 rows; none
     # without a KV cache.

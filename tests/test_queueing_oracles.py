@@ -73,10 +73,12 @@ def test_saturation_is_the_sum_of_the_replicas_rates_however_the_flood_is_shared
 @pytest.mark.parametrize("jump", [True, False])
 def test_the_first_decodes_after_a_prefill_pay_the_profiles_excess(write_profile, write_scenario, jump):
     # Requests far apart, one at a time, prompts of 64 tokens, 5 output tokens: a prefill, then 4
-    # decodes, of which the first three ran 50%, 25% and 10% slower after a 64-token prefill.
+    # decodes, of which the first three ran 50%, 25% and 10% slower after a 64-token prefill at
+    # one row (eight rows paid less).
     prefill, step = 0.02, 0.004
     profile = write_profile(prefill=lambda b, p: prefill, decode=lambda b, c: step,
-                            after_prefill=((64, 256), ((0.5, 0.25, 0.1), (0.9, 0.5, 0.2))))
+                            after_prefill=((1, 8), (64, 256), (((0.5, 0.25, 0.1), (0.9, 0.5, 0.2)),
+                                                               ((0.1, 0.0, 0.0), (0.2, 0.1, 0.0)))))
     s = one_at_a_time(profile, 0.01, 20, {"kind": "fixed", "value": 5})
     _, frame, _ = run_scenario(write_scenario(s), jump=jump)
     assert frame["e2e_s"].to_numpy() == pytest.approx(prefill + step * (1.5 + 1.25 + 1.1 + 1.0), rel=1e-9)
