@@ -23,7 +23,7 @@ from dataclasses import replace
 from decode_rig import decode_rig
 from sim.cli_util import run_command
 
-PREFILL_TOKENS = (128, 512, 1024, 4096)  # one row of this many tokens
+PREFILL_TOKENS = (128, 512, 1024, 2048)  # one row of this many tokens (to AFTER_PREFILL_MAX_TOKENS)
 
 
 def main() -> None:

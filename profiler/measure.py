@@ -27,6 +27,10 @@ from calibration.profile import Flood
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LENGTH_SPREAD = 16  # a prefill point of length L times L-8 .. L+7 in turn (Bench.prefill)
 AFTER_PREFILL_DECODES = 10  # decodes timed after each prefill (Bench.after_prefill): within 5% by the 4th-6th here
+# The longest prefill Bench.after_prefill times: past it the excess grew little (4,096 tokens' over
+# 2,048's, summed over ten decodes: 0.9-1.3x, eight tables of two CPU profiles), and on the CPU grid
+# that one prefill was 63% of the prefills' time. The cost model holds the largest measured figure.
+AFTER_PREFILL_MAX_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,8 @@ class GridSpec:
     concurrency_workers: tuple[int, ...] = (1, 2, 4, 8)
     wake_gaps_s: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1)  # idle gaps before a pass (wake_penalty)
     wake_rounds: int = 20
-    # Rounds of after_prefill: each prefills every grid prompt length once (about 1 s on the CPU grid),
-    # for each of its row counts (after_prefill_rows).
+    # Rounds of after_prefill: each prefills every grid prompt length to 2,048 tokens once (0.4 s on
+    # the CPU grid) and times ten decodes after each, for each of its row counts (after_prefill_rows).
     after_prefill_rounds: int = 10
 
 
@@ -76,8 +80,9 @@ def after_prefill_rows(limit: int) -> tuple[int, ...]:
 
 
 GRIDS = {
+    # after_prefill_rounds=5: four row counts at 10 rounds, to 4,096 tokens, took 61 s of a 150 s profile
     "cpu": GridSpec((1, 2, 4, 8), (16, 64, 256, 1024, 2048, 4096), decode_batches(32), (64, 256, 1024, 4096),
-                    repeats=3, max_point_s=0.5, max_prefill_tokens=8192),
+                    repeats=3, max_point_s=0.5, max_prefill_tokens=8192, after_prefill_rounds=5),
     "cpu-quick": GridSpec((1, 4), (16, 128), (1, 4), (64, 256), warmup=1, repeats=3, max_point_s=0.3,
                           passes=1, concurrency_workers=(1, 2), wake_rounds=5, after_prefill_rounds=3),
     "cuda": GridSpec((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024, 2048, 4096),
@@ -328,8 +333,9 @@ class Bench:
     def after_prefill(self, rows: tuple[int, ...] | None = None) -> dict:
         """How much slower the decodes just after a prefill run than the same decodes with none
         before them, by the decode's rows (default: after_prefill_rows over the decode grid), the
-        prefill's tokens (the grid's prompt lengths, one row each) and the decode's place after it
-        (KV-cache modes only), as the profile's after_prefill section stores it.
+        prefill's tokens (the grid's prompt lengths to AFTER_PREFILL_MAX_TOKENS, one row each) and
+        the decode's place after it (KV-cache modes only), as the profile's after_prefill section
+        stores it.
 
         Back-to-back grid passes of one shape never see it, and a serving loop pays it after
         every prefill: on this project's CPU hosts the first decode after a 1,024-token prefill
@@ -340,14 +346,15 @@ class Bench:
         prefill's excess pass in untimed decodes (a prefill resets it)."""
         spec = self.spec
         context = spec.decode_context[(len(spec.decode_context) - 1) // 2]
-        prompt = self._ids(1, spec.prefill_length[-1])
+        tokens = [n for n in spec.prefill_length if n <= AFTER_PREFILL_MAX_TOKENS] or [spec.prefill_length[0]]
         rows = rows or after_prefill_rows(max(spec.decode_batch))
-        return {"rows": list(rows), "tokens": list(spec.prefill_length),
-                "excess": [self._after_prefill_excess(r, context, prompt) for r in rows], "decode_context": context}
+        return {"rows": list(rows), "tokens": tokens,
+                "excess": [self._after_prefill_excess(r, context, tokens) for r in rows], "decode_context": context}
 
-    def _after_prefill_excess(self, rows: int, context: int, prompt: torch.Tensor) -> list[list[float]]:
-        """Bench.after_prefill's table for decodes of `rows` rows: by prefill size, by decode."""
+    def _after_prefill_excess(self, rows: int, context: int, tokens: list[int]) -> list[list[float]]:
+        """Bench.after_prefill's table for decodes of `rows` rows: by prefill tokens, by decode."""
         spec = self.spec
+        prompt = self._ids(1, tokens[-1])
         cache, ids = self.synthetic_cache(rows, context), self._ids(rows, 1)
         mask = padding_mask(rows, context + 1, self.device)  # as the grid's decodes attend
 
@@ -359,7 +366,7 @@ class Bench:
             cache.crop(-1)  # the context stays the same
             return seconds
 
-        times = {n: [[] for _ in range(AFTER_PREFILL_DECODES)] for n in (0, *spec.prefill_length)}
+        times = {n: [[] for _ in range(AFTER_PREFILL_DECODES)] for n in (0, *tokens)}
         order = list(times)
         rng = random.Random(0)
         with torch.inference_mode():
@@ -376,7 +383,7 @@ class Bench:
         control = statistics.median(t for decodes in times[0] for t in decodes)
         # The device recovers as the decodes go on, so a rise from one to the next is noise: pooled.
         return [non_decreasing([max(statistics.median(t) / control - 1.0, 0.0) for t in times[n]][::-1])[::-1]
-                for n in spec.prefill_length]
+                for n in tokens]
 
     def concurrency(self, workers: int, context: int = 256, steps: int = 20) -> float:
         """Mean decode-step seconds per worker when `workers` threads share the device, each
