@@ -28,7 +28,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LENGTH_SPREAD = 16  # a prefill point of length L times L-8 .. L+7 in turn (Bench.prefill)
 AFTER_PREFILL_DECODES = 10  # decodes timed after each prefill (Bench.after_prefill): within 5% by the 4th-6th here
 # The longest prefill Bench.after_prefill times: past it the excess grew little (4,096 tokens' over
-# 2,048's, summed over ten decodes: 0.9-1.3x, eight tables of two CPU profiles), and on the CPU grid
+# 2,048's, summed over ten decodes: 0.85-1.26x, the 12 row counts of three CPU profiles), and on the CPU grid
 # that one prefill was 63% of the prefills' time. The cost model holds the largest measured figure.
 AFTER_PREFILL_MAX_TOKENS = 2048
 
