@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -13,6 +15,17 @@ from sim.scheduler import Step
 
 def shipped_modes():
     return list(load(ROOT / "calibration/profiles/cpu-gpt2-tiny.json").modes.values())
+
+
+def committed_profiles() -> list[Path]:
+    """Every profile in the repository: the shipped ones and those kept beside a validation."""
+    return sorted(p for p in (ROOT / "calibration").rglob("*.json") if '"schema_version"' in p.read_text())
+
+
+@pytest.mark.parametrize("path", committed_profiles(), ids=lambda p: p.name)
+def test_every_committed_profile_reads_in_this_schema(path):
+    # A schema change must re-measure or relabel them: a scenario names them by path.
+    assert load(path).modes
 
 
 @pytest.mark.parametrize("mode", shipped_modes(), ids=lambda m: m.name)
