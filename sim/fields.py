@@ -67,12 +67,16 @@ class Fields:
             return value
         return self._check_num(value, key, low, high, positive, integer)
 
-    def nums(self, key: str, default: Any = REQUIRED, *, positive: bool = False,
-             low: float | None = None, min_len: int = 1) -> list[float]:
+    def nums(self, key: str, default: Any = REQUIRED, *, positive: bool = False, low: float | None = None,
+             integer: bool = False, ascending: bool = False, min_len: int = 1) -> list[float]:
+        """A list of numbers, each checked as `num` checks one; `ascending`: strictly (an axis)."""
         value = self.raw(key, default)
         if not isinstance(value, list) or len(value) < min_len:
             self.fail(f"expected a list of at least {min_len} numbers, got {value!r}", key)
-        return [self._check_num(v, f"{key}[{i}]", low, None, positive, False) for i, v in enumerate(value)]
+        values = [self._check_num(v, f"{key}[{i}]", low, None, positive, integer) for i, v in enumerate(value)]
+        if ascending and sorted(set(values)) != values:
+            self.fail("must be strictly ascending", key)
+        return values
 
     def _check_num(self, value, key, low, high, positive, integer):
         if isinstance(value, bool) or not isinstance(value, (int, float)):

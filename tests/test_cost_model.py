@@ -194,7 +194,7 @@ def test_decodes_after_a_prefill_pay_the_excess_measured_for_its_tokens_rows_and
     ((4, 16), (100,), (((0.5,),),), r"after_prefill\.excess: expected 2 tables \(one per row count\)"),
     ((4,), (1000, 100), (((0.5,), (0.4,)),), r"after_prefill\.tokens: must be strictly ascending"),
     ((16, 4), (100,), (((0.5,),), ((0.4,),)), r"after_prefill\.rows: must be strictly ascending"),
-    ((2.5,), (100,), (((0.5,),),), r"after_prefill\.rows: must be whole row counts"),
+    ((2.5,), (100,), (((0.5,),),), r"after_prefill\.rows\[0\]: expected a whole number, got 2\.5"),
 ])
 def test_a_malformed_after_prefill_section_is_named(rows, tokens, excess, message):
     from sim.errors import InputError
