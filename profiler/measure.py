@@ -343,13 +343,24 @@ class Bench:
         Timed over the grid's middle context, one row count after another (one cache at a time:
         a GPU's largest decode batch fills much of its memory). Each round takes the prefill sizes
         and the control (no prefill) in shuffled order; the control first lets the previous
-        prefill's excess pass in untimed decodes (a prefill resets it)."""
+        prefill's excess pass in untimed decodes (a prefill resets it). Row counts whose cache
+        and prefill do not fit in device memory beside each other are left out (the cost model
+        holds the largest measured one's figures beyond it)."""
         spec = self.spec
         context = spec.decode_context[(len(spec.decode_context) - 1) // 2]
         tokens = [n for n in spec.prefill_length if n <= AFTER_PREFILL_MAX_TOKENS] or [spec.prefill_length[0]]
         rows = rows or after_prefill_rows(max(spec.decode_batch))
-        return {"rows": list(rows), "tokens": tokens,
-                "excess": [self._after_prefill_excess(r, context, tokens) for r in rows], "decode_context": context}
+        excess = []
+        for r in rows:
+            try:
+                excess.append(self._after_prefill_excess(r, context, tokens))
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                if not is_oom(e) or not excess:  # not even one row fits: nothing to price with
+                    raise
+                if self.cuda:
+                    torch.cuda.empty_cache()
+                break  # more rows fit no better
+        return {"rows": list(rows[:len(excess)]), "tokens": tokens, "excess": excess, "decode_context": context}
 
     def _after_prefill_excess(self, rows: int, context: int, tokens: list[int]) -> list[list[float]]:
         """Bench.after_prefill's table for decodes of `rows` rows: by prefill tokens, by decode."""
@@ -373,8 +384,9 @@ class Bench:
             for _ in range(spec.after_prefill_rounds):
                 rng.shuffle(order)
                 for n in order:
-                    if n:
+                    if n:  # synchronised, or on a GPU its kernels would still run in the first decode's time
                         self.forward(input_ids=prompt[:, :n], use_cache=True, logits_to_keep=1)
+                        self.sync()
                     else:  # the control waits out the excess of the prefill before it
                         for _ in range(AFTER_PREFILL_DECODES):
                             decode()
@@ -397,6 +409,8 @@ class Bench:
                 cache = self.synthetic_cache(1, context)
                 ids = self._ids(1, 1)
                 self.forward(input_ids=ids, cache=cache, use_cache=True)
+                if stream:  # the warm-up pass must not run on into the timed ones
+                    stream.synchronize()
                 barrier.wait()
                 start = time.perf_counter()
                 for _ in range(steps):

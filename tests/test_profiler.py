@@ -213,6 +213,57 @@ def test_grid_times_passes_as_the_live_engine_runs_them():
             assert mask is None if b == 1 else (mask.shape == shape and int((mask == 0).sum()) == 1)
 
 
+def test_after_prefill_times_decodes_after_the_prefill_has_finished_on_the_device():
+    """A GPU runs a pass's kernels after the call returns: unless the prefill is synchronised
+    before the first decode's clock starts, its tail is timed as that decode's excess (on a GPU,
+    the rest of a 2,048-token prefill beside a decode of a few milliseconds)."""
+    pytest.importorskip("torch")
+    import torch
+
+    from profiler.measure import GRIDS, Bench, ModeSpec
+    from profiler.models import build, lookup
+
+    model = build(lookup("llama-tiny"), torch.float32, torch.device("cpu"))
+    bench = Bench(model, torch.device("cpu"), ModeSpec.parse("fp32"), GRIDS["cpu-quick"])
+    events = []
+
+    def forward(**inputs):
+        events.append("prefill" if inputs["input_ids"].shape[1] > 1 else "decode")
+        return model(**inputs)
+
+    bench.forward, bench.sync = forward, lambda: events.append("sync")
+    bench._after_prefill_excess(2, 16, [16, 32])
+    prefills = [i for i, e in enumerate(events) if e == "prefill"]
+    assert len(prefills) == 2 * GRIDS["cpu-quick"].after_prefill_rounds
+    assert all(events[i + 1] == "sync" for i in prefills)
+
+
+def test_after_prefill_keeps_the_row_counts_that_fit_in_device_memory():
+    """The cuda grid times the excess up to 256 decode rows; in fp32, llama-3.1-8b's cache of 256
+    rows x 1,024 tokens (64 GB) beside its weights (32 GB) does not fit in an 80 GB card. The rows
+    measured before the one that ran out of memory are kept, not the profile's whole run lost; any
+    other error, or a device that fits not even one row, still stops it."""
+    pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from profiler.measure import GRIDS, Bench
+
+    def bench(fits: int, error: str = "CUDA out of memory. Tried to allocate 2.00 GiB"):
+        def excess(rows, context, tokens):
+            if rows > fits:
+                raise RuntimeError(error)
+            return [[rows / 100]]
+        return SimpleNamespace(spec=GRIDS["cuda"], cuda=False, _after_prefill_excess=excess)
+
+    after = Bench.after_prefill(bench(fits=16))
+    assert after["rows"] == [1, 4, 16] and after["excess"] == [[[0.01]], [[0.04]], [[0.16]]]
+    assert Bench.after_prefill(bench(fits=256))["rows"] == [1, 4, 16, 64, 256]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        Bench.after_prefill(bench(fits=0))
+    with pytest.raises(RuntimeError, match="shapes"):
+        Bench.after_prefill(bench(fits=4, error="shapes cannot be multiplied"))
+
+
 def test_prefill_points_over_the_token_cap_are_left_null_and_priced_from_their_column():
     pytest.importorskip("torch")
     import dataclasses
