@@ -196,8 +196,18 @@ def _infeasible(result: dict, curve: list[dict]) -> dict:
 
 
 def shortfall(r: dict) -> str:
-    """What keeps an infeasible configuration off the SLO, in words."""
-    return "serves none of the requests" if math.isinf(r["miss"]) else f"misses the SLO by {r['miss']:.0%}"
+    """What keeps an infeasible configuration off the SLO, in words: its worst metric where it came
+    closest (the light probe, or the most replicas tried), so a miss of thousands of percent reads
+    as, say, a static batcher waiting for a full batch at 5% of its saturation."""
+    from sim.results import fmt_seconds
+
+    if math.isinf(r["miss"]):
+        return "serves none of the requests"
+    p = r["closest"]
+    metric, t = max(p["slo"].items(), key=lambda item: item[1]["value_s"] / item[1]["max_s"])
+    replicas = f"{p['replicas']} replica" + ("s" if p["replicas"] != 1 else "")
+    return (f"misses the SLO by {r['miss']:.0%} ({metric} p{t['percentile']:g} {fmt_seconds(t['value_s'])} "
+            f"against {fmt_seconds(t['max_s'])}, at {p['offered_rps']:.2f} req/s on {replicas})")
 
 
 def find_max_rate(config: Config) -> dict:

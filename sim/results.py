@@ -121,12 +121,10 @@ def summarise(run: Run, scenario: Scenario, frame: pd.DataFrame) -> dict[str, An
     }
 
 
-def _fmt(v: float | None, unit: str = "s") -> str:
+def fmt_seconds(v: float | None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    if unit == "s":
-        return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
-    return f"{v:,.2f}"
+    return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
 
 
 def table(summary: dict[str, Any]) -> str:
@@ -137,7 +135,7 @@ def table(summary: dict[str, Any]) -> str:
              f"{'latency':<10}{'p50':>12}{'p90':>12}{'p95':>12}{'p99':>12}{'mean':>12}"]
     for key, label in (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"), ("queue_s", "queueing")):
         st = s[key]
-        lines.append(f"{label:<10}" + "".join(f"{_fmt(st[k]):>12}" for k in ("p50", "p90", "p95", "p99", "mean")))
+        lines.append(f"{label:<10}" + "".join(f"{fmt_seconds(st[k]):>12}" for k in ("p50", "p90", "p95", "p99", "mean")))
     rejected = ", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "none"
     kv = s["kv_cache_utilization_mean"]
     cost_m = s["usd_per_million_output_tokens"]
@@ -148,7 +146,7 @@ def table(summary: dict[str, Any]) -> str:
     ]
     for metric, t in s["slo"].items():
         verdict = "PASS" if t["met"] else "FAIL"
-        rows.append((f"SLO {metric}", f"p{t['percentile']:g} {_fmt(t['value_s'])} vs {_fmt(t['max_s'])}  {verdict}"))
+        rows.append((f"SLO {metric}", f"p{t['percentile']:g} {fmt_seconds(t['value_s'])} vs {fmt_seconds(t['max_s'])}  {verdict}"))
     rows += [
         ("batching", f"mean batch {s['mean_batch_size']:.2f} over {s['forward_passes']:,} forward passes"),
         ("GPU", f"utilisation {s['gpu_utilization']:.1%}, {s['gpu_hours']:.3f} GPU-hours"),

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, base_scenario
+from sim.results import fmt_seconds
 
 
 def write_plan(tmp_path, profile, plan: dict, base: dict | None = None):
@@ -69,6 +70,10 @@ def test_unmeetable_slo_says_by_how_much(tmp_path, write_profile):
     proc, result = run_plan(path)
     assert proc.returncode == 1
     assert "no configuration meets the SLO" in proc.stderr and "misses the SLO by" in proc.stderr
+    # ... naming the metric, its bound, and where it came closest: the light probe's rate
+    probe = result["results"][0]["curve"][0]
+    where = f"at {probe['offered_rps']:.2f} req/s on 1 replica"
+    assert f"(e2e p95 {fmt_seconds(probe['e2e_p95_s'])} against 50.0 ms, {where})" in proc.stderr
     assert result["recommendation"] is None
 
 
