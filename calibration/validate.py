@@ -56,7 +56,7 @@ def check_one_engine(scenario) -> None:
     problems = [
         (dep.replicas != 1, "deployment.replicas", "validate runs one replica on one device: set it to 1"),
         (dep.workers_per_gpu != 1, "deployment.workers_per_gpu", "validate runs one worker: set it to 1"),
-        (scenario.autoscaler is not None, "autoscaler", "validate runs a fixed deployment: remove it"),
+        (scenario.autoscaler is not None, "autoscaler", "validate runs a fixed deployment: remove it, or --set 'autoscaler={policy: off}'"),
         (scenario.response_cache is not None, "response_cache", "a live engine has no response cache"),
     ]
     for bad, key, why in problems:
@@ -261,7 +261,8 @@ def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: 
     wake, after = penalties["wake"], penalties["after_prefill"]
     log(f"first pass after {wake['gap_s'][-1] * 1e3:g} ms idle: {wake['extra_s'][-1] * 1e3:.2f} ms slower; "
         f"first decode after a {after['tokens'][-1]}-token prefill: "
-        + ", ".join(f"{table[-1][0]:.0%} slower at {r} rows" for r, table in zip(after["rows"], after["excess"])))
+        + ", ".join(f"{table[-1][0]:.0%} slower at {r} row{'s' if r > 1 else ''}"
+                 for r, table in zip(after["rows"], after["excess"])))
     peaks = device_peaks(device, [mode.dtype])
     info = device_info(device) | {"copy_bytes_per_s": peaks["copy_bytes_per_s"]}
     return Rig(scenario, profile, base, engine, bench, penalties, peaks, info, model_load_s, log)
