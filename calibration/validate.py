@@ -56,7 +56,8 @@ def check_one_engine(scenario) -> None:
     problems = [
         (dep.replicas != 1, "deployment.replicas", "validate runs one replica on one device: set it to 1"),
         (dep.workers_per_gpu != 1, "deployment.workers_per_gpu", "validate runs one worker: set it to 1"),
-        (scenario.autoscaler is not None, "autoscaler", "validate runs a fixed deployment: remove it, or --set 'autoscaler={policy: off}'"),
+        (scenario.autoscaler is not None, "autoscaler",
+         "validate runs a fixed deployment: remove it, or --set 'autoscaler={policy: off}'"),
         (scenario.response_cache is not None, "response_cache", "a live engine has no response cache"),
     ]
     for bad, key, why in problems:

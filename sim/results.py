@@ -146,7 +146,8 @@ def table(summary: dict[str, Any]) -> str:
     ]
     for metric, t in s["slo"].items():
         verdict = "PASS" if t["met"] else "FAIL"
-        rows.append((f"SLO {metric}", f"p{t['percentile']:g} {fmt_seconds(t['value_s'])} vs {fmt_seconds(t['max_s'])}  {verdict}"))
+        value, bound = fmt_seconds(t["value_s"]), fmt_seconds(t["max_s"])
+        rows.append((f"SLO {metric}", f"p{t['percentile']:g} {value} vs {bound}  {verdict}"))
     rows += [
         ("batching", f"mean batch {s['mean_batch_size']:.2f} over {s['forward_passes']:,} forward passes"),
         ("GPU", f"utilisation {s['gpu_utilization']:.1%}, {s['gpu_hours']:.3f} GPU-hours"),
