@@ -185,9 +185,14 @@ def _base_trace(config: Config):
     return workload.generate(config.scenario.workload, config.scenario.seed)
 
 
+def _worst(point: dict) -> tuple[str, float]:
+    """The SLO metric furthest above its bound, and how far (negative: within it; inf: no value)."""
+    return max(((metric, t["value_s"] / t["max_s"] - 1 if t["value_s"] is not None else math.inf)
+                for metric, t in point["slo"].items()), key=lambda item: item[1])
+
+
 def _miss(point: dict) -> float:
-    """How far the worst SLO metric is above its bound (negative: within it)."""
-    return max(t["value_s"] / t["max_s"] - 1 if t["value_s"] is not None else math.inf for t in point["slo"].values())
+    return _worst(point)[1]
 
 
 def _infeasible(result: dict, curve: list[dict]) -> dict:
@@ -204,7 +209,8 @@ def shortfall(r: dict) -> str:
     if math.isinf(r["miss"]):
         return "serves none of the requests"
     p = r["closest"]
-    metric, t = max(p["slo"].items(), key=lambda item: item[1]["value_s"] / item[1]["max_s"])
+    metric, _ = _worst(p)
+    t = p["slo"][metric]
     replicas = f"{p['replicas']} replica" + ("s" if p["replicas"] != 1 else "")
     return (f"misses the SLO by {r['miss']:.0%} ({metric} p{t['percentile']:g} {fmt_seconds(t['value_s'])} "
             f"against {fmt_seconds(t['max_s'])}, at {p['offered_rps']:.2f} req/s on {replicas})")
