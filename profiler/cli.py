@@ -131,7 +131,8 @@ def measure_profile(model, model_name: str, model_load_s: float, device, info: d
     from profiler.measure import grid_points, measure_modes
     from profiler.models import max_positions
 
-    limit = max_positions(model) - spec.warmup - spec.repeats - 8
+    # A decode call grows its cache by its warm-up passes and its timed one; 8 positions spare.
+    limit = max_positions(model) - spec.warmup - 1 - 8
     spec = type(spec)(**{**spec.__dict__, "prefill_length": clip(spec.prefill_length, limit - 1),
                          "decode_context": clip(spec.decode_context, limit)})
     bar = tqdm(total=grid_points(spec, modes), unit="pt", disable=quiet, file=sys.stderr)

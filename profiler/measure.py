@@ -40,8 +40,8 @@ class GridSpec:
     decode_batch: tuple[int, ...]
     decode_context: tuple[int, ...]
     warmup: int = 2
-    repeats: int = 7
-    max_point_s: float = 1.5  # stop repeating a slow point after this long (each sweep times it once at least)
+    repeats: int = 7  # timed passes of a point per sweep, one per visit of the grid (GridSamples.sweep)
+    max_point_s: float = 1.5  # a point that took this long in a sweep is not revisited in it (timed once at least)
     passes: int = 3  # sweeps over the whole grid: a burst of device noise hits one pass, not every sample
     # The longest prefill pass timed (batch x length); longer points are left null, priced by the
     # cost model from the column's largest timed batch. Long prompts cost a CPU seconds a pass, and
@@ -234,29 +234,25 @@ class Bench:
             cache.layers[i].keys = cache.layers[i].values = noise[heads, dim]
         return cache
 
-    def time(self, call: Callable[[], object], warmup: int) -> tuple[list[float], int | None]:
-        """Seconds of `call` over the repeats after `warmup` passes, and peak device memory on CUDA."""
-        spec = self.spec
+    def time(self, call: Callable[[], object], warmup: int) -> tuple[float, int | None]:
+        """Seconds of one pass of `call` after `warmup` passes, and peak device memory on CUDA."""
         with torch.inference_mode():
             for _ in range(warmup):
                 start = time.perf_counter()
                 call()
                 self.sync()
-                if time.perf_counter() - start > spec.max_point_s:
+                if time.perf_counter() - start > self.spec.max_point_s:
                     break  # a pass this slow has paid its one-time costs in its first call
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
-            times: list[float] = []
-            budget_end = time.perf_counter() + spec.max_point_s
-            while len(times) < spec.repeats and (not times or time.perf_counter() < budget_end):
-                start = time.perf_counter()
-                call()
-                self.sync()
-                times.append(time.perf_counter() - start)
-        return times, torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+            start = time.perf_counter()
+            call()
+            self.sync()
+            seconds = time.perf_counter() - start
+        return seconds, torch.cuda.max_memory_allocated(self.device) if self.cuda else None
 
-    def prefill(self, b: int, length: int, warmup: int) -> tuple[list[float], int | None]:
-        """Prefill passes of `b` prompts of about `length` tokens.
+    def prefill(self, b: int, length: int, warmup: int) -> tuple[float, int | None]:
+        """A prefill pass of `b` prompts of about `length` tokens.
 
         Live prompts take every length, and matmul kernels run some lengths (multiples of their
         tile, powers of two above all) faster than their neighbours: measured here (1 thread, 12
@@ -279,15 +275,15 @@ class Bench:
 
         return self.time(step, warmup)
 
-    def decode(self, b: int, context: int, warmup: int) -> tuple[list[float], int | None]:
+    def decode(self, b: int, context: int, warmup: int) -> tuple[float, int | None]:
         """One decode step over `context` cached tokens (KV-cache modes only: without a cache a
         decode step is a prefill, see GridSamples)."""
         cache = self.synthetic_cache(b, context)
         ids = self._ids(b, 1)
-        # Each call appends one token to the cache: over ~10 calls the context drifts by <1%
-        # of the smallest grid context, which is what a real decode run does too. The mask
-        # covers the cache and the new token, so it widens with every call.
-        mask = padding_mask(b, context + 1 + warmup + self.spec.repeats, self.device)
+        # Each pass appends one token to the cache: over the warm-up and the timed pass the
+        # context drifts by a few tokens, which is what a real decode run does too. The mask
+        # covers the cache and the new token, so it widens with every pass.
+        mask = padding_mask(b, context + 2 + warmup, self.device)
 
         def step():
             width = cache.get_seq_length() + 1
@@ -493,9 +489,10 @@ def device_peaks(device: torch.device, dtypes: list[str]) -> dict:
 class GridSamples:
     """Timings of one mode's grid points, pooled over sweeps of the whole grid.
 
-    Sweeping the grid several times, rather than repeating each point back to back, means a
-    burst of device noise hits one sweep of a point instead of all its samples; and sweeps can
-    be interleaved with other work (validate's live runs) to sample the device over that time.
+    A point's samples are spread over several sweeps of the grid and through each sweep (`sweep`),
+    rather than taken back to back, so a burst of device noise hits one of them instead of all;
+    and sweeps can be interleaved with other work (validate's live runs) to sample the device
+    over that time.
     A point that runs out of memory is null, and so are larger batches at the same length; so are
     prefill points over the spec's token cap.
     Without a KV cache a decode step recomputes the whole sequence: a decode step over c tokens
@@ -535,42 +532,57 @@ class GridSamples:
         return {key: len(times) for key, times in self.samples.items()}
 
     def sweep(self, bar=None) -> None:
-        self.sweep_starts.append(self.counts())
-        for kind, batches, xs, fn in self.grids:
-            for j, x in enumerate(xs):
-                for i, b in enumerate(batches):
-                    if bar is not None:
-                        bar.set_postfix_str(f"{self.bench.mode.name} {kind} b={b} "
-                                            f"{'ctx' if kind == 'decode' else 'len'}={x}")
-                    if i < self.limit.get((kind, j), len(batches)):
-                        try:
-                            times, peak = fn(b, x, self.warmup(self.samples.get((kind, i, j))))
-                            self.samples.setdefault((kind, i, j), []).extend(times)
-                            if peak is not None:
-                                self.peaks[kind, i, j] = max(peak, self.peaks.get((kind, i, j)) or 0)
-                        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                            if not is_oom(e):
-                                raise
-                            self.limit[kind, j] = i
-                            if self.bench.cuda:
-                                torch.cuda.empty_cache()
-                    if bar is not None:
-                        bar.update(1)
-                if self.flood:
-                    if bar is not None:
-                        bar.set_postfix_str(f"{self.bench.mode.name} calibration flood through the live engine")
-                    self.run_flood()
-                    if bar is not None:
-                        bar.update(1)
+        """One sweep: the grid visited `repeats` times, each point timed once a visit.
 
-    def warmup(self, earlier: list[float] | None) -> int:
-        """Warm-up passes before timing a point. The first sweep pays one-time costs (allocations,
-        kernel selection) with the spec's count; later sweeps need one pass to bring the point's
-        weights and buffers back into the caches, and a pass longer than the point's time budget
-        needs none (cache state is lost in its noise). This saves ~18 s of the CPU profile's 135."""
-        if not earlier:
-            return self.bench.spec.warmup
-        return 0 if statistics.median(earlier) > self.bench.spec.max_point_s else min(1, self.bench.spec.warmup)
+        A point's samples are spread through the sweep rather than taken back to back, so a
+        slow moment of the device lands on one of them, not all. On this project's VM, six
+        profiles of three sweeps each way, interleaved, of a validation grid: with each
+        profile's own level taken out, a decode point's median varied by 4.9% (SD) from profile
+        to profile spread against 7.3% back to back, and was over 10% off in 7% of the profiles
+        against 20%, in the same time; prefill points 6.4% against 6.3%. Only a point's first
+        visit ever warms it up: a pass straight after another point's ran as fast as
+        back-to-back passes there (1.01x for prefill, 1.00x for decode, medians over 100 and
+        320 pairs), so the warm-up pass a revisit used to pay bought nothing. A point whose
+        passes took max_point_s in this sweep is not revisited in it."""
+        spec = self.bench.spec
+        self.sweep_starts.append(self.counts())
+        spent: dict[tuple, float] = {}  # each point's seconds in this sweep
+        for visit in range(spec.repeats):
+            for kind, batches, xs, fn in self.grids:
+                for j, x in enumerate(xs):
+                    for i, b in enumerate(batches):
+                        if bar is not None:
+                            bar.set_postfix_str(f"{self.bench.mode.name} {kind} b={b} "
+                                                f"{'ctx' if kind == 'decode' else 'len'}={x}")
+                        key = (kind, i, j)
+                        if i < self.limit.get((kind, j), len(batches)) and spent.get(key, 0.0) < spec.max_point_s:
+                            spent[key] = spent.get(key, 0.0) + self.time_point(key, fn, b, x)
+                        if bar is not None:
+                            bar.update(1)
+                    if self.flood and visit == spec.repeats - 1:
+                        if bar is not None:
+                            bar.set_postfix_str(f"{self.bench.mode.name} calibration flood through the live engine")
+                        self.run_flood()
+                        if bar is not None:
+                            bar.update(1)
+
+    def time_point(self, key: tuple, fn, b: int, x: int) -> float:
+        """One timed pass of a grid point, kept with its samples, and its seconds; a point that
+        runs out of memory ends its column (the larger batches would too)."""
+        kind, i, j = key
+        try:
+            seconds, peak = fn(b, x, 0 if key in self.samples else self.bench.spec.warmup)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            if not is_oom(e):
+                raise
+            self.limit[kind, j] = i
+            if self.bench.cuda:
+                torch.cuda.empty_cache()
+            return 0.0
+        self.samples.setdefault(key, []).append(seconds)
+        if peak is not None:
+            self.peaks[key] = max(peak, self.peaks.get(key) or 0)
+        return seconds
 
     def sweep_levels(self) -> list[float]:
         """How fast the device ran each sweep against the pool: the median over grid points of the
@@ -709,6 +721,7 @@ def grid_points(spec: GridSpec, modes: list[ModeSpec]) -> int:
     prefill = len(spec.prefill_batch) * len(spec.prefill_length)
     decode = len(spec.decode_batch) * len(spec.decode_context)
     floods = len(spec.prefill_length) + len(spec.decode_context)  # one after each grid column
-    return sum(spec.passes * (prefill + (decode + floods if m.kv_cache else 0)) + len(spec.concurrency_workers)
+    return sum(spec.passes * (spec.repeats * prefill + (spec.repeats * decode + floods if m.kv_cache else 0))
+               + len(spec.concurrency_workers)
                + 1 + m.kv_cache  # wake_penalty, and after_prefill in a KV-cache mode
                for m in modes if cached_twin(m, modes) is None)

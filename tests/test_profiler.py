@@ -197,7 +197,7 @@ def test_grid_times_passes_as_the_live_engine_runs_them():
     for b in (1, 3):
         calls.clear()
         bench.decode(b, 16, warmup=2)
-        assert len(calls) == 2 + GRIDS["cpu-quick"].repeats
+        assert len(calls) == 2 + 1  # the warm-up passes, then the timed one
         for k, (shape, mask, cached) in enumerate(calls):
             assert cached == 16 + k and shape == (b, 1)
             if b == 1:
@@ -205,12 +205,42 @@ def test_grid_times_passes_as_the_live_engine_runs_them():
             else:  # one padded column in one row; every row attends to the cache and its new token
                 assert mask.shape == (b, cached + 1) and int((mask == 0).sum()) == 1
         calls.clear()
-        for _ in range(4):  # 4 x (1 warm-up + 3 repeats): 16 passes of this point, across "sweeps"
+        for _ in range(8):  # 8 x (1 warm-up + 1 timed): 16 passes of this point, across visits
             bench.prefill(b, 20, warmup=1)
         # Live prompts take every length, so the point times each of the 16 lengths around 20 once.
         assert sorted(shape[1] for shape, _, _ in calls) == list(range(12, 28))
         for shape, mask, _ in calls:
             assert mask is None if b == 1 else (mask.shape == shape and int((mask == 0).sum()) == 1)
+
+
+def test_a_sweep_spreads_each_points_passes_through_it():
+    """A slow moment of the device should land on one of a point's samples, not on all of them:
+    a sweep visits the grid `repeats` times and times each point once a visit. Only a point's
+    first visit ever warms it up, and a point whose passes used up max_point_s in a sweep is not
+    revisited in it."""
+    pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from profiler.measure import GridSamples, GridSpec
+
+    spec = GridSpec((1, 2), (16, 64), (1,), (64,), warmup=2, repeats=3, max_point_s=1.0)
+    calls = []
+
+    def prefill(b, length, warmup):
+        calls.append((b, length, warmup))
+        return (2.0 if (b, length) == (2, 64) else 0.01), None
+
+    mode = SimpleNamespace(kv_cache=False, name="fp32-nocache")
+    samples = GridSamples(SimpleNamespace(spec=spec, cuda=False, mode=mode, prefill=prefill), spec)
+    points = [(1, 16), (2, 16), (1, 64), (2, 64)]  # a column's batches, column by column
+    fast = points[:3]
+    samples.sweep()
+    assert calls == [(*p, 2) for p in points] + [(*p, 0) for p in fast] * 2
+    calls.clear()
+    samples.sweep()
+    assert calls == [(*p, 0) for p in points] + [(*p, 0) for p in fast] * 2
+    assert samples.counts() == {("prefill", 0, 0): 6, ("prefill", 1, 0): 6, ("prefill", 0, 1): 6,
+                                ("prefill", 1, 1): 2}
 
 
 def test_after_prefill_times_decodes_after_the_prefill_has_finished_on_the_device():
