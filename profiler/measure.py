@@ -546,7 +546,6 @@ class GridSamples:
         passes took max_point_s in this sweep is not revisited in it."""
         spec = self.bench.spec
         self.sweep_starts.append(self.counts())
-        spent: dict[tuple, float] = {}  # each point's seconds in this sweep
         for visit in range(spec.repeats):
             for kind, batches, xs, fn in self.grids:
                 for j, x in enumerate(xs):
@@ -555,8 +554,8 @@ class GridSamples:
                             bar.set_postfix_str(f"{self.bench.mode.name} {kind} b={b} "
                                                 f"{'ctx' if kind == 'decode' else 'len'}={x}")
                         key = (kind, i, j)
-                        if i < self.limit.get((kind, j), len(batches)) and spent.get(key, 0.0) < spec.max_point_s:
-                            spent[key] = spent.get(key, 0.0) + self.time_point(key, fn, b, x)
+                        if i < self.limit.get((kind, j), len(batches)) and self.spent(key) < spec.max_point_s:
+                            self.time_point(key, fn, b, x)
                         if bar is not None:
                             bar.update(1)
                     if self.flood and visit == spec.repeats - 1:
@@ -566,9 +565,13 @@ class GridSamples:
                         if bar is not None:
                             bar.update(1)
 
-    def time_point(self, key: tuple, fn, b: int, x: int) -> float:
-        """One timed pass of a grid point, kept with its samples, and its seconds; a point that
-        runs out of memory ends its column (the larger batches would too)."""
+    def spent(self, key: tuple) -> float:
+        """Seconds a point's timed passes have taken in the sweep under way."""
+        return sum(self.samples.get(key, [])[self.sweep_starts[-1].get(key, 0):])
+
+    def time_point(self, key: tuple, fn, b: int, x: int) -> None:
+        """One timed pass of a grid point, kept with its samples; a point that runs out of memory
+        ends its column (the larger batches would too)."""
         kind, i, j = key
         try:
             seconds, peak = fn(b, x, 0 if key in self.samples else self.bench.spec.warmup)
@@ -578,11 +581,10 @@ class GridSamples:
             self.limit[kind, j] = i
             if self.bench.cuda:
                 torch.cuda.empty_cache()
-            return 0.0
+            return
         self.samples.setdefault(key, []).append(seconds)
         if peak is not None:
             self.peaks[key] = max(peak, self.peaks.get(key) or 0)
-        return seconds
 
     def sweep_levels(self) -> list[float]:
         """How fast the device ran each sweep against the pool: the median over grid points of the
