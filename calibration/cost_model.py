@@ -171,6 +171,10 @@ class HeldOut:
             return "n/a (grid too small)"
         return f"median {self.median:.1%} max {self.max:.1%} ({self.points} points)"
 
+    def cell(self) -> str:
+        """The profile report's table cell: median / max."""
+        return f"{self.median:.1%} / {self.max:.1%}" if self.points else str(self)
+
 
 @dataclass(frozen=True)
 class EngineOverhead:

@@ -95,8 +95,7 @@ def write_report(profile: Profile, path: Path) -> None:
             mode.name, mode.dtype, "yes" if mode.kv_cache else "no", "yes" if mode.compiled else "no",
             f"{mode.weights_bytes / 2**20:,.1f} MiB", f"{mode.kv_bytes_per_token:,} B",
             f"{mb.get('batch')} at {mb.get('context')}" if mb.get("batch") else "not probed",
-            f"{err['prefill'].median:.1%} / {err['prefill'].max:.1%}",
-            f"{err['decode'].median:.1%} / {err['decode'].max:.1%}", flood,
+            err["prefill"].cell(), err["decode"].cell(), flood,
         ])
     sections = [
         "<h2>Modes</h2>",
