@@ -198,7 +198,7 @@ def scenario_grid(scenario, trace):
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="validate", description=__doc__.split(":", 1)[1].strip(), epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", type=Path)
+    p.add_argument("scenario", type=Path, help="scenario YAML file (see scenarios/validation/)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpu", type=int, metavar="N", help="run live on this CUDA device")
     where.add_argument("--device", choices=("cpu",), default="cpu", help="run live on the CPU (default)")
@@ -210,7 +210,7 @@ def parse_args(argv):
                         "--set 'deployment.batching={policy: dynamic, max_batch_size: 16}'")
     add_threads_argument(p)
     p.add_argument("--out", type=Path, help="output folder (default: results/validate-<scenario>)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     return p.parse_args(argv)
 
 
