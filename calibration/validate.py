@@ -103,10 +103,10 @@ def check_serves_some(scenario, profile) -> None:
 
 
 def steps_frame(runs, cost) -> pd.DataFrame:
-    """One row per live step, run by run: its shape, when it started, how long the device sat
-    idle before it, and its seconds inside the model and around it, each beside the profile's
-    price for it (the forward pass after the same idle gap and as long after a prefill; the
-    engine overhead)."""
+    """One row per live step, run by run: its shape, when it started, how long the engine waited
+    for work before it (0 when it went straight on from the step before), and its seconds inside
+    the model and around it, each beside the profile's price for it (the forward pass after the
+    same idle gap and as long after a prefill; the engine overhead)."""
     from calibration.cost_model import after_prefill_states
 
     frames = []

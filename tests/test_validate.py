@@ -139,6 +139,27 @@ def test_live_engine_runs_every_policy_and_forces_output_lengths():
         assert engine.batch is None  # every row left the cache
 
 
+def test_a_live_step_is_idle_only_after_the_engine_waited_for_work():
+    """The wake penalty prices a device that sat idle; the host's own work between steps run
+    straight on is the engine overhead, as the simulator prices it, so those steps have no gap."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+
+    from profiler.live_engine import LiveEngine, run_live
+    from profiler.measure import DTYPES
+    from profiler.models import MODELS, build
+    from sim.scheduler import ContinuousScheduler
+    from sim.workload import Trace
+
+    engine = LiveEngine(build(MODELS["gpt2-tiny"], DTYPES["fp32"], torch.device("cpu")), torch.device("cpu"))
+    # Two requests of a prefill and two decodes each; the second arrives long after the first ends.
+    run = run_live(engine, ContinuousScheduler(4, 64, 10_000, padded=True),
+                   Trace(np.array([0.0, 0.5]), np.array([8, 8]), np.array([3, 3])))
+    assert [s.prefill_seqs for s in run.steps] == [1, 0, 0, 1, 0, 0]
+    assert run.idle_s[0] == np.inf and run.idle_s[3] > 0  # the engine waited before each prefill
+    assert (run.idle_s[[1, 2, 4, 5]] == 0).all()
+
+
 def test_summary_counts_the_targeted_figures_within_ten_percent():
     from calibration.compare import NOISE_LABEL, TARGETED, summary
 
