@@ -118,18 +118,24 @@ def test_validate_refuses_what_the_live_engine_cannot_run(tmp_path, args, messag
     assert not (tmp_path / "o").exists()
 
 
-def test_live_engine_runs_every_policy_and_forces_output_lengths():
+@pytest.fixture(scope="module")
+def engine():
+    """A live engine on gpt2-tiny; every run_live starts it from an empty batch."""
     torch = pytest.importorskip("torch")
-    import numpy as np
-
-    from profiler.live_engine import LiveEngine, run_live
+    from profiler.live_engine import LiveEngine
     from profiler.measure import DTYPES
     from profiler.models import MODELS, build
+
+    return LiveEngine(build(MODELS["gpt2-tiny"], DTYPES["fp32"], torch.device("cpu")), torch.device("cpu"))
+
+
+def test_live_engine_runs_every_policy_and_forces_output_lengths(engine):
+    import numpy as np
+
+    from profiler.live_engine import run_live
     from sim.scheduler import ContinuousScheduler, PaddedBatchScheduler
     from sim.workload import Trace
 
-    model = build(MODELS["gpt2-tiny"], DTYPES["fp32"], torch.device("cpu"))
-    engine = LiveEngine(model, torch.device("cpu"))
     trace = Trace(np.linspace(0, 0.05, 6), np.array([5, 9, 3, 12, 7, 4]), np.array([3, 1, 6, 2, 5, 4]))
     for scheduler in (ContinuousScheduler(4, 64, 10_000, padded=True), PaddedBatchScheduler(3, 10_000, 0.01),
                       PaddedBatchScheduler(3, 10_000, None)):
@@ -139,19 +145,15 @@ def test_live_engine_runs_every_policy_and_forces_output_lengths():
         assert engine.batch is None  # every row left the cache
 
 
-def test_a_live_step_is_idle_only_after_the_engine_waited_for_work():
+def test_a_live_step_is_idle_only_after_the_engine_waited_for_work(engine):
     """The wake penalty prices a device that sat idle; the host's own work between steps run
     straight on is the engine overhead, as the simulator prices it, so those steps have no gap."""
-    torch = pytest.importorskip("torch")
     import numpy as np
 
-    from profiler.live_engine import LiveEngine, run_live
-    from profiler.measure import DTYPES
-    from profiler.models import MODELS, build
+    from profiler.live_engine import run_live
     from sim.scheduler import ContinuousScheduler
     from sim.workload import Trace
 
-    engine = LiveEngine(build(MODELS["gpt2-tiny"], DTYPES["fp32"], torch.device("cpu")), torch.device("cpu"))
     # Two requests of a prefill and two decodes each; the second arrives long after the first ends.
     run = run_live(engine, ContinuousScheduler(4, 64, 10_000, padded=True),
                    Trace(np.array([0.0, 0.5]), np.array([8, 8]), np.array([3, 3])))
