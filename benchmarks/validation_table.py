@@ -7,13 +7,15 @@ the live runs, then the same with its prefill and decode times each scaled by ho
 ran that kind of pass in the live runs.
 A load is the fraction of saturation asked for, its rate, and the load the runs met: that rate
 over the saturation priced by the sweeps around them. Sweeps / profile: how fast the device ran
-each sweep the profile pools (before, between and after the live runs), over the pool.
+each sweep the profile pools (before, between and after the live runs), over the pool. The last
+line: how far the live runs' speed strayed from their price, run by run, over the whole matrix.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -50,6 +52,14 @@ def table_rows(path: Path) -> tuple[list[dict], list[str]]:
     return result["cases"], rows
 
 
+def runs_line(cases: list[dict]) -> str:
+    """The live runs' time inside the model over the price of their steps, run by run: the spread
+    that decides how close any prediction can come (the README's ledger of CPU matrices)."""
+    speeds = [speed for case in cases for speed in case["device_speed_per_run"]]
+    return (f"live runs over their price: {min(speeds):.2f}–{max(speeds):.2f}, mean {statistics.mean(speeds):.3f}, "
+            f"SD {statistics.pstdev(speeds):.3f} ({len(speeds)} runs)")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", type=Path, nargs="?", default=Path("results/validation"),
@@ -66,7 +76,9 @@ def main() -> int:
     for _, rows in read:
         print("\n".join(rows))
     print()
-    print("\n".join(summary([case for cases, _ in read for case in cases])))
+    cases = [case for cases, _ in read for case in cases]
+    print("\n".join(summary(cases)))
+    print(runs_line(cases))
     return 0
 
 
