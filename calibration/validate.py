@@ -228,7 +228,8 @@ class Rig:
     peaks: dict
     info: dict
     model_load_s: float
-    log: Callable[..., None]
+    log: Callable[..., None]  # progress lines on stderr, unless quiet
+    quiet: bool
 
 
 @dataclass
@@ -241,12 +242,13 @@ class LoadRecord:
     profile: dict
 
 
-def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: int, log) -> Rig:
+def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: int, quiet: bool) -> Rig:
     """The model in the profile's serving regime, warmed up, and a bench for the scenario's grid."""
     from profiler.live_engine import LiveEngine, build_for_profile
     from profiler.measure import Bench, ModeSpec, device_peaks, freeze_heap, serving_regime
     from sim import workload
 
+    log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     serving_regime(device, threads)  # the regime `profile` measured in
     log(f"building {profile.model_name} ({scenario.deployment.mode}) on {device} ...")
     start = time.perf_counter()
@@ -266,12 +268,18 @@ def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: 
                  for r, table in zip(after["rows"], after["excess"])))
     peaks = device_peaks(device, [mode.dtype])
     info = device_info(device) | {"copy_bytes_per_s": peaks["copy_bytes_per_s"]}
-    return Rig(scenario, profile, base, engine, bench, penalties, peaks, info, model_load_s, log)
+    return Rig(scenario, profile, base, engine, bench, penalties, peaks, info, model_load_s, log, quiet)
 
 
 def sweep(rig: Rig, samples: GridSamples) -> None:
+    from tqdm import tqdm
+
     rig.log(f"  sweeping the profile grid ({samples.points()} points, a calibration flood after each column) ...")
-    samples.sweep()
+    # Only on a terminal: a log file would fill with the bar's redraws.
+    bar = tqdm(total=samples.sweep_updates(), unit="pt", leave=False, file=sys.stderr,
+               disable=rig.quiet or not sys.stderr.isatty())
+    samples.sweep(bar)
+    bar.close()
 
 
 def profile_file(rig: Rig, samples: GridSamples) -> dict:
@@ -412,8 +420,7 @@ def main(argv=None) -> int:
         profile = load_profile(scenario.deployment.profile)
         device = pick_device(argparse.Namespace(gpu=args.gpu, device=args.device))
         scenario = check_scenario(scenario, profile, device.type)
-        log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-        rig = build_rig(scenario, profile, device, args.threads, args.runs, log)
+        rig = build_rig(scenario, profile, device, args.threads, args.runs, args.quiet)
         done: list[LoadRecord] = []
         result = {
             "scenario": scenario.name, "policy": scenario.deployment.batching.policy,
@@ -427,7 +434,7 @@ def main(argv=None) -> int:
             done.append(finished)
             result["cases"].append(finished.case)
             write(out, result, done)
-            log(f"  wrote {out} ({len(done)} of {len(loads)} loads)")
+            rig.log(f"  wrote {out} ({len(done)} of {len(loads)} loads)")
         print(table(result))
         print(f"\nwrote {out}/validation.json and {out}/report.html")
         return 0

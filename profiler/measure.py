@@ -527,6 +527,11 @@ class GridSamples:
     def points(self) -> int:
         return sum(len(batches) * len(xs) for _, batches, xs, _ in self.grids)
 
+    def sweep_updates(self) -> int:
+        """How far one sweep moves its progress bar: each point on each visit, and each flood."""
+        floods = sum(len(xs) for _, _, xs, _ in self.grids) if self.flood else 0
+        return self.bench.spec.repeats * self.points() + floods
+
     def counts(self) -> dict[tuple, int]:
         """Each point's number of samples so far."""
         return {key: len(times) for key, times in self.samples.items()}

@@ -220,7 +220,7 @@ def test_a_sweep_spreads_each_points_passes_through_it():
     """A slow moment of the device should land on one of a point's samples, not on all of them:
     a sweep visits the grid `repeats` times and times each point once a visit. Only a point's
     first visit ever warms it up, and a point whose passes used up max_point_s in a sweep is not
-    revisited in it."""
+    revisited in it. Validate's progress bar for a sweep is as long as the sweep moves it."""
     pytest.importorskip("torch")
     from types import SimpleNamespace
 
@@ -240,8 +240,11 @@ def test_a_sweep_spreads_each_points_passes_through_it():
     samples.sweep()
     assert calls == [(*p, 2) for p in points] + [(*p, 0) for p in fast] * 2
     calls.clear()
-    samples.sweep()
+    bar = SimpleNamespace(n=0, set_postfix_str=lambda text: None)
+    bar.update = lambda k: setattr(bar, "n", bar.n + k)
+    samples.sweep(bar)
     assert calls == [(*p, 0) for p in points] + [(*p, 0) for p in fast] * 2
+    assert bar.n == samples.sweep_updates() == 12  # the bar moves past the point left out too
     assert samples.counts() == {("prefill", 0, 0): 6, ("prefill", 1, 0): 6, ("prefill", 0, 1): 6,
                                 ("prefill", 1, 1): 2}
 
