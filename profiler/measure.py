@@ -547,8 +547,11 @@ class GridSamples:
         against 20%, in the same time; prefill points 6.4% against 6.3%. Only a point's first
         visit ever warms it up: a pass straight after another point's ran as fast as
         back-to-back passes there (1.01x for prefill, 1.00x for decode, medians over 100 and
-        320 pairs), so the warm-up pass a revisit used to pay bought nothing. A point whose
-        passes took max_point_s in this sweep is not revisited in it."""
+        320 pairs), so the warm-up pass a revisit used to pay bought nothing. (On a later VM a
+        decode after passes of its own shape, as a serving loop runs its decodes, ran about 4%
+        faster; the fresh pass stays, its price nearer the live runs' sums of decode time, which
+        carry their stalls: calibration/validation/NOTES.md, the 1-row prefill lead.) A point
+        whose passes took max_point_s in this sweep is not revisited in it."""
         spec = self.bench.spec
         self.sweep_starts.append(self.counts())
         for visit in range(spec.repeats):
