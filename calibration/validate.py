@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -228,8 +228,16 @@ class Rig:
     peaks: dict
     info: dict
     model_load_s: float
-    log: Callable[..., None]  # progress lines on stderr, unless quiet
-    quiet: bool
+    quiet: bool  # no progress lines or bars
+
+    def log(self, *parts) -> None:
+        say(self.quiet, *parts)
+
+
+def say(quiet: bool, *parts) -> None:
+    """A progress line on stderr, unless quiet."""
+    if not quiet:
+        print(*parts, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -248,9 +256,8 @@ def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: 
     from profiler.measure import Bench, ModeSpec, device_peaks, freeze_heap, serving_regime
     from sim import workload
 
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     serving_regime(device, threads)  # the regime `profile` measured in
-    log(f"building {profile.model_name} ({scenario.deployment.mode}) on {device} ...")
+    say(quiet, f"building {profile.model_name} ({scenario.deployment.mode}) on {device} ...")
     start = time.perf_counter()
     model = build_for_profile(profile, scenario.deployment.mode, device)
     model_load_s = time.perf_counter() - start
@@ -262,24 +269,25 @@ def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: 
     bench = Bench(model, device, mode, replace(scenario_grid(scenario, base), passes=runs + 1))
     penalties = {"wake": bench.wake_penalty(), "after_prefill": bench.after_prefill()}
     wake, after = penalties["wake"], penalties["after_prefill"]
-    log(f"first pass after {wake['gap_s'][-1] * 1e3:g} ms idle: {wake['extra_s'][-1] * 1e3:.2f} ms slower; "
+    say(quiet, f"first pass after {wake['gap_s'][-1] * 1e3:g} ms idle: {wake['extra_s'][-1] * 1e3:.2f} ms slower; "
         f"first decode after a {after['tokens'][-1]}-token prefill: "
         + ", ".join(f"{table[-1][0]:.0%} slower at {r} row{'s' if r > 1 else ''}"
                  for r, table in zip(after["rows"], after["excess"])))
     peaks = device_peaks(device, [mode.dtype])
     info = device_info(device) | {"copy_bytes_per_s": peaks["copy_bytes_per_s"]}
-    return Rig(scenario, profile, base, engine, bench, penalties, peaks, info, model_load_s, log, quiet)
+    return Rig(scenario, profile, base, engine, bench, penalties, peaks, info, model_load_s, quiet)
 
 
 def sweep(rig: Rig, samples: GridSamples) -> None:
     from tqdm import tqdm
 
+    from profiler.measure import sweep_updates
+
     rig.log(f"  sweeping the profile grid ({samples.points()} points, a calibration flood after each column) ...")
     # Only on a terminal: a log file would fill with the bar's redraws.
-    bar = tqdm(total=samples.sweep_updates(), unit="pt", leave=False, file=sys.stderr,
-               disable=rig.quiet or not sys.stderr.isatty())
-    samples.sweep(bar)
-    bar.close()
+    with tqdm(total=sweep_updates(rig.bench.spec, rig.bench.mode.kv_cache), unit="pt", leave=False,
+              file=sys.stderr, disable=rig.quiet or not sys.stderr.isatty()) as bar:
+        samples.sweep(bar)
 
 
 def profile_file(rig: Rig, samples: GridSamples) -> dict:

@@ -527,11 +527,6 @@ class GridSamples:
     def points(self) -> int:
         return sum(len(batches) * len(xs) for _, batches, xs, _ in self.grids)
 
-    def sweep_updates(self) -> int:
-        """How far one sweep moves its progress bar: each point on each visit, and each flood."""
-        floods = sum(len(xs) for _, _, xs, _ in self.grids) if self.flood else 0
-        return self.bench.spec.repeats * self.points() + floods
-
     def counts(self) -> dict[tuple, int]:
         """Each point's number of samples so far."""
         return {key: len(times) for key, times in self.samples.items()}
@@ -726,12 +721,19 @@ def measure_modes(model, device: torch.device, modes: list[ModeSpec], spec: Grid
     return {"modes": {m.name: out[m.name] for m in modes}, "copy_bytes_per_s": peaks["copy_bytes_per_s"]}
 
 
+def sweep_updates(spec: GridSpec, kv_cache: bool) -> int:
+    """How far one GridSamples.sweep moves its progress bar: each prefill point on each visit,
+    and in a KV-cache mode each decode point too and the flood after each grid column."""
+    prefill = len(spec.prefill_batch) * len(spec.prefill_length)
+    if not kv_cache:
+        return spec.repeats * prefill
+    decode = len(spec.decode_batch) * len(spec.decode_context)
+    return spec.repeats * (prefill + decode) + len(spec.prefill_length) + len(spec.decode_context)
+
+
 def grid_points(spec: GridSpec, modes: list[ModeSpec]) -> int:
     """How many measurements `measure_modes` makes (for the progress bar)."""
-    prefill = len(spec.prefill_batch) * len(spec.prefill_length)
-    decode = len(spec.decode_batch) * len(spec.decode_context)
-    floods = len(spec.prefill_length) + len(spec.decode_context)  # one after each grid column
-    return sum(spec.passes * (spec.repeats * prefill + (spec.repeats * decode + floods if m.kv_cache else 0))
+    return sum(spec.passes * sweep_updates(spec, m.kv_cache)
                + len(spec.concurrency_workers)
                + 1 + m.kv_cache  # wake_penalty, and after_prefill in a KV-cache mode
                for m in modes if cached_twin(m, modes) is None)

@@ -224,7 +224,7 @@ def test_a_sweep_spreads_each_points_passes_through_it():
     pytest.importorskip("torch")
     from types import SimpleNamespace
 
-    from profiler.measure import GridSamples, GridSpec
+    from profiler.measure import GridSamples, GridSpec, sweep_updates
 
     spec = GridSpec((1, 2), (16, 64), (1,), (64,), warmup=2, repeats=3, max_point_s=1.0)
     calls = []
@@ -244,7 +244,7 @@ def test_a_sweep_spreads_each_points_passes_through_it():
     bar.update = lambda k: setattr(bar, "n", bar.n + k)
     samples.sweep(bar)
     assert calls == [(*p, 0) for p in points] + [(*p, 0) for p in fast] * 2
-    assert bar.n == samples.sweep_updates() == 12  # the bar moves past the point left out too
+    assert bar.n == sweep_updates(spec, mode.kv_cache) == 12  # the bar moves past the point left out too
     assert samples.counts() == {("prefill", 0, 0): 6, ("prefill", 1, 0): 6, ("prefill", 0, 1): 6,
                                 ("prefill", 1, 1): 2}
 
