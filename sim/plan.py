@@ -90,6 +90,8 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
     if overrides:
         data = scenario_mod.apply_overrides(data if isinstance(data, dict) else {}, list(overrides), file)
     top = Fields(data, file)
+    if not top.has("base") and top.has("workload"):
+        top.fail("this is a scenario: run `simulate " + file + "`, or name it as a plan's base", "base")
     base_path = path.parent / top.str("base")
     try:
         base = yaml.safe_load(base_path.read_text(encoding="utf-8"))

@@ -339,6 +339,8 @@ def load(path: str | Path, overrides: list[str] = ()) -> Scenario:
 
 def parse(data: Any, file: str, base: Path) -> Scenario:
     top = Fields(data, file)
+    if not top.has("workload") and top.has("base"):  # the plans in scenarios/experiments/ name a base
+        top.fail("this is a plan (it names a base scenario): run `plan " + file + "`", "workload")
     workload = _workload(top.section("workload", required=True), base)
     deployment = _deployment(top.section("deployment", required=True), base)
     cost = top.section("cost")

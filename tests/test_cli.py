@@ -79,6 +79,15 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     assert_one_line_error(run("sim.cli", str(tmp_path / "nope.yaml")), "nope.yaml", "cannot read scenario")
 
 
+def test_a_plan_and_a_scenario_each_name_the_command_that_runs_them(tmp_path):
+    plan = "scenarios/experiments/capacity.yaml"
+    assert_one_line_error(run("sim.cli", plan, "--out", str(tmp_path / "a")), "this is a plan", f"run `plan {plan}`")
+    scenario = "scenarios/bursty.yaml"
+    assert_one_line_error(run("sim.plan", scenario, "--out", str(tmp_path / "b")),
+                          "this is a scenario", f"run `simulate {scenario}`")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_bad_trace_row_is_named_by_line_and_column(tmp_path, write_profile):
     trace = tmp_path / "trace.csv"
     trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,10,5\n0.5,ten,5\n")
