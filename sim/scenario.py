@@ -194,6 +194,14 @@ def _workload(w: Fields, base: Path) -> Workload:
     else:
         if num_requests is None and duration_s is None:
             w.fail("give num_requests or duration_s", "num_requests")
+        # A step or ramp schedule's final rate holds after it ends; at 0, arrivals stop there, and
+        # a request count the schedule fell short of would be waited for forever.
+        if duration_s is None and arrivals.kind in ("step", "ramp"):
+            key = "rates" if arrivals.kind == "step" else "end_rate"
+            final = arrivals.params[key][-1] if arrivals.kind == "step" else arrivals.params[key]
+            if final <= 0:
+                w.fail("the final rate holds after the schedule and is 0, so num_requests may never all "
+                       "arrive: make it > 0 or give duration_s", f"arrivals.{key}")
         prompt = _lengths(w.section("prompt_tokens", required=True), base, 0)
         output = _lengths(w.section("output_tokens", required=True), base, 1)
     keys = w.section("prompt_keys")

@@ -52,6 +52,8 @@ BAD_SCENARIOS = [
     (lambda s: s["deployment"]["batching"].update(policy="magic"), "deployment.batching.policy: 'magic' is not one of"),
     (lambda s: s["workload"]["arrivals"].update(rate=-1), "workload.arrivals.rate: must be > 0"),
     (lambda s: s["workload"].pop("output_tokens"), "workload.output_tokens: is required"),
+    (lambda s: s["workload"].update(arrivals={"kind": "step", "rates": [5, 0], "durations_s": [10, 10]}),
+     "workload.arrivals.rates: the final rate holds after the schedule and is 0"),
     (lambda s: s["deployment"].update(mode="int4"), "has no mode 'int4'"),
     (lambda s: s["deployment"].update(profile="no-such-profile"), "deployment.profile: profile 'no-such-profile' not found"),
     (lambda s: s.update(autoscaler={"policy": "queue-depth", "max_replicas": 2, "min_replicas": 3,
