@@ -69,7 +69,8 @@ def meets_slo(frame: pd.DataFrame, scenario: Scenario) -> pd.Series:
 def summarise(run: Run, scenario: Scenario, frame: pd.DataFrame) -> dict[str, Any]:
     served = frame[frame["finished_at"].notna()]
     start = float(frame["arrived_at"].min())
-    span = max(float(served["finished_at"].max()) - start, 1e-12) if len(served) else math.nan
+    # With nothing served every rate is 0 (an infinite span), not NaN, which JSON cannot hold.
+    span = max(float(served["finished_at"].max()) - start, 1e-12) if len(served) else math.inf
     output_tokens = int(served["output_tokens"].sum())
     good = meets_slo(frame, scenario)
     slo = {}

@@ -106,6 +106,17 @@ def test_request_larger_than_the_kv_cache_is_rejected_with_a_reason(write_profil
     assert (frame.loc[~too_big, "rejected"] == "").all()
 
 
+def test_a_run_that_serves_nothing_reports_zero_rates_as_strict_json(write_profile, write_scenario):
+    import json
+
+    s = base_scenario(write_profile(), kv_cache_tokens=10)  # no prompt of 16 tokens or more fits
+    run, frame, summary = run_scenario(write_scenario(s))
+    check_invariants(run, frame, summary, s)
+    assert summary["served"] == 0 and summary["rejected"] == {"kv_cache_too_small": 500}
+    assert summary["throughput_rps"] == summary["goodput_rps"] == summary["output_tokens_per_s"] == 0.0
+    json.loads(json.dumps(summary), parse_constant=lambda c: pytest.fail(f"summary holds {c}"))
+
+
 def test_static_batching_waits_for_full_batches(write_profile, write_scenario):
     profile = write_profile()
     s = base_scenario(profile, batching={"policy": "static", "max_batch_size": 4})
