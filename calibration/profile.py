@@ -97,6 +97,7 @@ class Profile:
     memory_bytes: int
     model_name: str
     model_load_s: float
+    max_context: float  # the model's context window in tokens (inf where its config names none)
     modes: dict[str, Mode]
     raw: dict[str, Any]
 
@@ -208,6 +209,19 @@ def _flood(section: Fields) -> Flood:
     return Flood(**{key: np.array(values, dtype=float) for key, values in columns.items()})
 
 
+def _max_context(model: Fields) -> float:
+    """The context window the model's config declares (Llama-style or GPT-2-style key)."""
+    config = model.raw("config", {})
+    if not isinstance(config, dict):
+        model.fail("must be a mapping of the model's config", "config")
+    value = config.get("max_position_embeddings") or config.get("n_positions")
+    if value is None:
+        return math.inf
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        model.fail(f"the context window must be a positive integer, got {value!r}", "config")
+    return value
+
+
 def parse(data: Any, path: str) -> Profile:
     top = Fields(data, path)
     version = top.raw("schema_version")
@@ -259,6 +273,7 @@ def parse(data: Any, path: str) -> Profile:
         memory_bytes=device.num("memory_bytes", positive=True, integer=True),
         model_name=model.str("name"),
         model_load_s=top.num("model_load_s", low=0),
+        max_context=_max_context(model),
         modes=modes,
         raw=data,
     )

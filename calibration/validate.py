@@ -340,7 +340,7 @@ def run_load(rig: Rig, load: float | None, runs: int, around: float | None) -> t
         rig.log(f"load {label}: live run {i + 1}/{runs} of {len(trace)} requests "
                 f"({workload.offered_rate(trace):.2f} req/s, arriving over {trace.arrived_at[-1]:.0f} s) ...")
         start = time.perf_counter()
-        live_runs.append(run_live(rig.engine, make_scheduler(scenario, kv_capacity), trace))
+        live_runs.append(run_live(rig.engine, make_scheduler(scenario, before, kv_capacity), trace))
         live_frames.append(requests_frame(trace, live_runs[-1].outcome))
         live_stats.append(percentiles(live_frames[-1]))
         rig.log(f"  took {time.perf_counter() - start:.1f} s")

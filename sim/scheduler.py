@@ -36,8 +36,10 @@ class Step:
     reshuffle_tokens: int = 0  # KV tokens a padded cache copies to add or drop rows for this step
 
 
-def reject_reason(req: Request, kv_capacity: float) -> str:
-    """Why a request can never run on a worker of this KV capacity, or '' if it can."""
+def reject_reason(req: Request, kv_capacity: float, max_context: float) -> str:
+    """Why a request can never run on a worker of this KV capacity and model, or '' if it can."""
+    if req.prompt_tokens + req.output_tokens > max_context:  # as vLLM checks its max_model_len
+        return "exceeds_context_window"
     if req.prompt_tokens + req.output_tokens - 1 > kv_capacity:
         return "kv_cache_too_small"
     return ""
@@ -56,9 +58,11 @@ class PaddedBatchScheduler:
     `max_wait_s`.
     """
 
-    def __init__(self, max_batch_size: int, kv_capacity: float, max_wait_s: float | None):
+    def __init__(self, max_batch_size: int, kv_capacity: float, max_wait_s: float | None,
+                 max_context: float = math.inf):
         self.max_batch_size = max_batch_size
         self.kv_capacity = kv_capacity
+        self.max_context = max_context  # the model's context window: prompt + output tokens
         self.max_wait_s = max_wait_s
         self.waiting: deque[Request] = deque()
         self.batch: list[Request] = []  # sorted by output length: finishing order
@@ -69,7 +73,7 @@ class PaddedBatchScheduler:
         self.wake_at = math.inf  # when schedule() may next return a step if nothing arrives
 
     def add(self, req: Request) -> bool:
-        req.rejected = reject_reason(req, self.kv_capacity)
+        req.rejected = reject_reason(req, self.kv_capacity, self.max_context)
         if req.rejected:
             return False
         self.waiting.append(req)
@@ -183,10 +187,12 @@ class ContinuousScheduler:
         chunked_prefill: bool = False,
         prefix_caching: bool = False,
         padded: bool = False,
+        max_context: float = math.inf,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.kv_capacity = kv_capacity
+        self.max_context = max_context  # the model's context window: prompt + output tokens
         self.chunked_prefill = chunked_prefill
         self.prefix_caching = prefix_caching
         self.padded = padded
@@ -205,7 +211,7 @@ class ContinuousScheduler:
         self.wake_at = math.inf
 
     def add(self, req: Request) -> bool:
-        req.rejected = reject_reason(req, self.kv_capacity)
+        req.rejected = reject_reason(req, self.kv_capacity, self.max_context)
         if not req.rejected and not self.chunked_prefill and req.prompt_tokens > self.max_batched_tokens:
             req.rejected = "prompt_exceeds_max_batched_tokens"
         if req.rejected:

@@ -27,7 +27,7 @@ from sim.scenario import Scenario
 from sim.scheduler import ContinuousScheduler, PaddedBatchScheduler
 from sim.workload import Trace
 
-REJECT_REASONS = ("", "kv_cache_too_small", "prompt_exceeds_max_batched_tokens")
+REJECT_REASONS = ("", "kv_cache_too_small", "prompt_exceeds_max_batched_tokens", "exceeds_context_window")
 
 
 def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
@@ -48,12 +48,13 @@ def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
     return math.floor(free / dep.workers_per_gpu / mode.kv_bytes_per_token)
 
 
-def make_scheduler(scenario: Scenario, kv_capacity: float):
+def make_scheduler(scenario: Scenario, profile: Profile, kv_capacity: float):
     b = scenario.deployment.batching
     if b.policy == "continuous":
-        return ContinuousScheduler(b.max_num_seqs, b.max_batched_tokens, kv_capacity,
-                                   b.chunked_prefill, b.prefix_caching, b.kv_layout == "padded")
-    return PaddedBatchScheduler(b.max_batch_size, kv_capacity, b.max_wait_s if b.policy == "dynamic" else None)
+        return ContinuousScheduler(b.max_num_seqs, b.max_batched_tokens, kv_capacity, b.chunked_prefill,
+                                   b.prefix_caching, b.kv_layout == "padded", profile.max_context)
+    return PaddedBatchScheduler(b.max_batch_size, kv_capacity, b.max_wait_s if b.policy == "dynamic" else None,
+                                profile.max_context)
 
 
 @dataclass
@@ -106,7 +107,7 @@ class Worker:
 
     def __init__(self, sim: Simulation, replica: Replica, index: int):
         self.sim, self.replica, self.index = sim, replica, index
-        self.scheduler = make_scheduler(sim.scenario, sim.kv_capacity)
+        self.scheduler = make_scheduler(sim.scenario, sim.profile, sim.kv_capacity)
         self.process: simpy.Process | None = None
         self.wakeable = False  # idle, or in a run of decode steps that an arrival would change
         self.idle: simpy.Event | None = None  # what an idle worker with no deadline waits on

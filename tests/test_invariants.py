@@ -94,16 +94,26 @@ def test_tight_kv_cache_preempts_and_still_finishes_everyone(write_profile, writ
     assert summary["served"] == len(frame)
 
 
-def test_request_larger_than_the_kv_cache_is_rejected_with_a_reason(write_profile, write_scenario):
-    profile = write_profile()
-    s = base_scenario(profile, kv_cache_tokens=300)
+@pytest.mark.parametrize("policy", [{"policy": "continuous"}, {"policy": "dynamic"}])
+def test_requests_over_the_kv_cache_or_the_context_window_are_rejected_with_a_reason(tmp_path, write_scenario, policy):
+    import json
+    from conftest import synthetic_profile
+
+    profile = synthetic_profile()
+    profile["model"]["config"] = {"n_positions": 500}  # GPT-2's key for its context window
+    path = tmp_path / "windowed.json"
+    path.write_text(json.dumps(profile))
+    s = base_scenario(path, kv_cache_tokens=300, batching=policy)
     s["workload"]["prompt_tokens"] = {"kind": "uniform", "low": 16, "high": 600}
     run, frame, summary = run_scenario(write_scenario(s))
     check_invariants(run, frame, summary, s)
-    too_big = frame["prompt_tokens"] + frame["output_tokens"] - 1 > 300
-    assert too_big.any()
-    assert (frame.loc[too_big, "rejected"] == "kv_cache_too_small").all()
-    assert (frame.loc[~too_big, "rejected"] == "").all()
+    tokens = frame["prompt_tokens"] + frame["output_tokens"]
+    over_window = tokens > 500
+    over_cache = ~over_window & (tokens - 1 > 300)
+    assert over_window.any() and over_cache.any()
+    assert (frame.loc[over_window, "rejected"] == "exceeds_context_window").all()
+    assert (frame.loc[over_cache, "rejected"] == "kv_cache_too_small").all()
+    assert (frame.loc[~over_window & ~over_cache, "rejected"] == "").all()
 
 
 def test_a_run_that_serves_nothing_reports_zero_rates_as_strict_json(write_profile, write_scenario):
