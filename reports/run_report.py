@@ -12,14 +12,9 @@ from plotly.subplots import make_subplots
 
 from reports.html import figure, page, table
 from sim.errors import InputError
+from sim.results import fmt_seconds, fmt_slo_value
 
 METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))
-
-
-def _ms(v) -> str:
-    if v is None or (isinstance(v, float) and np.isnan(v)):
-        return "-"
-    return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
 
 
 def _read(folder: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -38,10 +33,10 @@ def _read(folder: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame,
 
 
 def _summary_section(s: dict) -> str:
-    slo_rows = [[m.upper(), f"p{t['percentile']:g}", _ms(t["value_s"]), _ms(t["max_s"]),
+    slo_rows = [[m.upper(), f"p{t['percentile']:g}", fmt_slo_value(t, s), fmt_seconds(t["max_s"]),
                  f"<span class='{'pass' if t['met'] else 'fail'}'>{'PASS' if t['met'] else 'FAIL'}</span>"]
                 for m, t in s["slo"].items()]
-    lat_rows = [[label] + [_ms(s[key][p]) for p in ("p50", "p90", "p95", "p99", "mean")]
+    lat_rows = [[label] + [fmt_seconds(s[key][p]) for p in ("p50", "p90", "p95", "p99", "mean")]
                 for key, label in METRICS + (("queue_s", "queueing"),)]
     cost_m = s["usd_per_million_output_tokens"]
     kv = s["kv_cache_utilization_mean"]

@@ -175,7 +175,8 @@ def _measure(config: Config, factor: float, replicas: int | None = None) -> dict
     run = simulate(scenario, config.profile, trace)
     frame = results.requests_frame(trace, run.outcome)
     s = results.summarise(run, scenario, frame)
-    return {"requests": len(trace), "offered_rps": workload.offered_rate(trace), "replicas": deployment.replicas,
+    return {"requests": len(trace), "rejected": s["rejected"], "offered_rps": workload.offered_rate(trace),
+            "replicas": deployment.replicas,
             "throughput_rps": s["throughput_rps"], "slo_met": s["slo_met"], "slo": s["slo"],
             "usd_per_million_output_tokens": s["usd_per_million_output_tokens"],
             "ttft_p95_s": s["ttft_s"]["p95"], "e2e_p95_s": s["e2e_s"]["p95"], "tpot_p95_s": s["tpot_s"]["p95"]}
@@ -208,9 +209,12 @@ def shortfall(r: dict) -> str:
     as, say, a static batcher waiting for a full batch at 5% of its saturation."""
     from sim.results import fmt_seconds
 
-    if math.isinf(r["miss"]):
-        return "serves none of the requests"
     p = r["closest"]
+    if p is None:
+        return "serves none of the requests"
+    if math.isinf(r["miss"]) and p["rejected"]:  # the percentile falls among the requests it turns away
+        reasons = ", ".join(f"{k} {v:,}" for k, v in p["rejected"].items())
+        return f"rejects {sum(p['rejected'].values()):,} of {p['requests']:,} requests ({reasons})"
     metric, _ = _worst(p)
     t = p["slo"][metric]
     replicas = f"{p['replicas']} replica" + ("s" if p["replicas"] != 1 else "")

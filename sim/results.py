@@ -75,8 +75,13 @@ def summarise(run: Run, scenario: Scenario, frame: pd.DataFrame) -> dict[str, An
     good = meets_slo(frame, scenario)
     slo = {}
     for target in scenario.slo:
-        col = served[f"{target.metric}_s"].dropna()
-        value = float(np.percentile(col, target.percentile)) if len(col) else None
+        # A rejected request never gets its tokens: it counts as missing every bound, so a
+        # deployment that turns away more than the percentile allows fails (value None), however
+        # fast it serves the rest. A served request with no TPOT (one token, a cache hit) is left out.
+        col = frame[f"{target.metric}_s"].where(frame["finished_at"].notna(), math.inf).dropna()
+        with np.errstate(invalid="ignore"):
+            value = float(np.percentile(col, target.percentile)) if len(col) else None
+        value = value if value is not None and math.isfinite(value) else None
         slo[target.metric] = {"percentile": target.percentile, "max_s": target.max_s, "value_s": value,
                               "met": value is not None and value <= target.max_s}
     gpu_hours = run.gpu_seconds / 3600
@@ -128,6 +133,13 @@ def fmt_seconds(v: float | None) -> str:
     return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
 
 
+def fmt_slo_value(target: dict[str, Any], summary: dict[str, Any]) -> str:
+    """An SLO metric's value at its percentile, or why it has none."""
+    if target["value_s"] is None and summary["served"] < summary["requests"]:
+        return "rejected"  # the percentile falls among the requests turned away
+    return fmt_seconds(target["value_s"])
+
+
 def table(summary: dict[str, Any]) -> str:
     """The summary as a human-readable table."""
     s = summary
@@ -147,7 +159,7 @@ def table(summary: dict[str, Any]) -> str:
     ]
     for metric, t in s["slo"].items():
         verdict = "PASS" if t["met"] else "FAIL"
-        value, bound = fmt_seconds(t["value_s"]), fmt_seconds(t["max_s"])
+        value, bound = fmt_slo_value(t, s), fmt_seconds(t["max_s"])
         rows.append((f"SLO {metric}", f"p{t['percentile']:g} {value} vs {bound}  {verdict}"))
     rows += [
         ("batching", f"mean batch {s['mean_batch_size']:.2f} over {s['forward_passes']:,} forward passes"),

@@ -89,6 +89,32 @@ def test_a_configuration_that_rejects_every_request_says_so(tmp_path, write_prof
     assert result["results"][0]["saturation_rps"] == 0
 
 
+def test_a_configuration_that_rejects_more_than_the_percentile_allows_fails_and_says_why(tmp_path):
+    # A quarter of the requests (prompts of 100-128 tokens, and one output token) do not fit a
+    # 100-token context window: served fast, the rest would meet a p95 bound, but a request turned
+    # away misses it.
+    from conftest import synthetic_profile
+
+    profile = synthetic_profile(prefill=lambda b, p: 0.01)
+    profile["model"]["config"] = {"max_position_embeddings": 100}
+    (tmp_path / "windowed.json").write_text(json.dumps(profile))
+    base = base_scenario(tmp_path / "windowed.json")
+    base["workload"] = {"num_requests": 400, "arrivals": {"kind": "poisson", "rate": 5.0},
+                        "prompt_tokens": {"kind": "uniform", "low": 16, "high": 128},
+                        "output_tokens": {"kind": "fixed", "value": 1}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"name": "t", "base": "base.yaml", "slo": {"e2e": {"max_s": 1.0, "percentile": 95}}}))
+    proc, result = run_plan(path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "rejects" in proc.stderr and "exceeds_context_window" in proc.stderr
+    assert result["results"][0]["saturation_rps"] > 0
+    # At p50 the turned-away quarter lies above the percentile, and the plan is met.
+    path.write_text(yaml.safe_dump({"name": "t", "base": "base.yaml", "slo": {"e2e": {"max_s": 1.0, "percentile": 50}}}))
+    proc, result = run_plan(path)
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("plan,message", [
     ({"search": {"deployment.replicas": []}}, "search.deployment.replicas: must be a non-empty list"),
     ({"target_rps": 5, "search": {"deployment.replicas": [1, 2]}}, "searches replicas itself"),
