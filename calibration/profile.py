@@ -119,7 +119,8 @@ def resolve(name_or_path: str, base: Path | None = None) -> Path:
     if shipped.exists():
         return shipped
     names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.json")))
-    raise InputError(f"profile {name_or_path!r} not found: not a file, nor a shipped profile ({names})")
+    where = f" (a relative path is read from {base}/)" if base is not None and not Path(name_or_path).is_absolute() else ""
+    raise InputError(f"profile {name_or_path!r} not found: not a file{where}, nor a shipped profile ({names})")
 
 
 def save(profile: dict[str, Any], path: str | Path) -> None:
