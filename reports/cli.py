@@ -1,4 +1,5 @@
-"""`report <results folder>`: rebuild a simulation's interactive HTML report from saved results."""
+"""`report <results folder>`: rebuild the interactive HTML report of a folder that `simulate`,
+`plan` or `validate` wrote, from the results saved there."""
 
 from __future__ import annotations
 
@@ -8,16 +9,40 @@ from pathlib import Path
 
 from sim.cli_util import run_command
 
+EPILOG = """examples:
+  report results/bursty                 a simulation's report, from requests.csv, timeseries.csv, ...
+  report results/plan-capacity          a plan's, from plan.json
+  report results/validate-steady        a validation's, from validation.json, requests.csv and steps.csv
+
+The report is drawn from the saved results alone: after an upgrade of servesim, or when
+report.html was lost, nothing needs to run again."""
+
+
+def rebuild(folder: Path) -> Path:
+    """Write folder/report.html from the folder's saved results, as the command that made them did."""
+    from reports.capacity_report import write_capacity_report
+    from reports.run_report import read_csv, read_json, write_run_report
+    from reports.validation_report import write_validation_report
+
+    out = folder / "report.html"
+    if (folder / "plan.json").exists():
+        write_capacity_report(read_json(folder, "plan.json"), out)
+    elif (folder / "validation.json").exists():
+        write_validation_report(read_json(folder, "validation.json"), read_csv(folder, "requests.csv"),
+                                read_csv(folder, "steps.csv"), out)
+    else:
+        write_run_report(folder)
+    return out
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="report", description=__doc__.split(":", 1)[1].strip())
-    p.add_argument("folder", type=Path, help="a folder written by `simulate` (e.g. results/bursty)")
+    p = argparse.ArgumentParser(prog="report", description=__doc__.split(":", 1)[1].strip(), epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path, help="a folder written by `simulate`, `plan` or `validate` (e.g. results/bursty)")
     args = p.parse_args(argv)
 
     def run() -> int:
-        from reports.run_report import write_run_report
-
-        print(f"wrote {write_run_report(args.folder)}")
+        print(f"wrote {rebuild(args.folder)}")
         return 0
 
     return run_command(run)

@@ -17,18 +17,27 @@ from sim.results import fmt_seconds, fmt_slo_value
 METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))
 
 
-def _read(folder: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    def read(name: str, parse):
-        try:
-            return parse(folder / name)
-        except FileNotFoundError:
-            raise InputError(f"{folder}: not a servesim results folder: {name} is missing") from None
-        except (json.JSONDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise InputError(f"{folder / name}: corrupt: {e}") from None
+def read_json(folder: Path, name: str) -> dict:
+    return _read_saved(folder, name, lambda path: json.loads(path.read_text(encoding="utf-8")))
 
-    summary = read("summary.json", lambda path: json.loads(path.read_text(encoding="utf-8")))
-    frames = [read(name, lambda path: pd.read_csv(path, keep_default_na=False, na_values=[""]))
-              for name in ("requests.csv", "timeseries.csv", "autoscaler.csv", "batch_sizes.csv")]
+
+def read_csv(folder: Path, name: str) -> pd.DataFrame:
+    # Only empty cells are missing: a rejection reason or a label is never read as NaN.
+    return _read_saved(folder, name, lambda path: pd.read_csv(path, keep_default_na=False, na_values=[""]))
+
+
+def _read_saved(folder: Path, name: str, parse):
+    try:
+        return parse(folder / name)
+    except FileNotFoundError:
+        raise InputError(f"{folder}: not a servesim results folder: {name} is missing") from None
+    except (json.JSONDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise InputError(f"{folder / name}: corrupt: {e}") from None
+
+
+def _read(folder: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    summary = read_json(folder, "summary.json")
+    frames = [read_csv(folder, name) for name in ("requests.csv", "timeseries.csv", "autoscaler.csv", "batch_sizes.csv")]
     return (summary, *frames)
 
 
