@@ -196,8 +196,9 @@ def main(argv=None) -> int:
         serving_regime(device, args.threads)
         modes = modes or [ModeSpec.parse(m) for m in DEFAULT_MODES[device.type].split(",")]
         info = device_info(device)
-        model_name = args.model if not isinstance(model_spec, Path) else model_spec.name
-        name = f"{'cpu' if device.type == 'cpu' else slug(info['name'])}-{slug(model_name)}"
+        # A checkpoint is named by its absolute path, which `validate` builds the live model from.
+        model_name = args.model if not isinstance(model_spec, Path) else str(model_spec.resolve())
+        name = f"{'cpu' if device.type == 'cpu' else slug(info['name'])}-{slug(Path(model_name).name)}"
         out = args.out or profile_file.SHIPPED / f"{name}.json"
         check_writable(out)  # the default path is known only now, from the device
         spec = GRIDS[device.type + ("-quick" if args.quick else "")]

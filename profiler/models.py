@@ -57,6 +57,8 @@ def lookup(name: str) -> ModelSpec | Path:
     path = Path(name)
     if path.is_dir() and (path / "config.json").exists():
         return path
+    if path.is_absolute():  # a profile measured on a checkpoint that is not on this machine
+        raise InputError(f"model checkpoint {name!r} not found: no folder with a config.json there")
     raise InputError(f"unknown model {name!r}: not a local checkpoint folder, nor one of:\n{describe()}")
 
 

@@ -82,6 +82,30 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     assert "n/a (grid too small)" in report and "nan%" not in report
 
 
+def test_a_checkpoints_profile_names_the_folder_the_live_engine_rebuilds_it_from(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=128, vocab_size=256, max_position_embeddings=4096)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "ckpt.json"
+    proc = subprocess.run([sys.executable, "-m", "profiler.cli", "--device", "cpu", "--model", "ckpt", "--quick",
+                           "--modes", "fp32", "--quiet", "--no-report", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)  # a path relative to here
+    assert proc.returncode == 0, proc.stderr
+    from calibration.profile import load
+    from profiler.live_engine import build_for_profile
+    from profiler.models import lookup
+    from sim.errors import InputError
+
+    profile = load(out)
+    assert profile.model_name == str((tmp_path / "ckpt").resolve()) and profile.max_context == 4096
+    assert build_for_profile(profile, "fp32", torch.device("cpu")).config.hidden_size == 64
+    with pytest.raises(InputError, match="model checkpoint '/nowhere/ckpt' not found"):
+        lookup("/nowhere/ckpt")  # the profile read on a machine without the checkpoint
+
+
 def test_corrupt_profile_is_never_half_written(tmp_path):
     from calibration.profile import save
 
