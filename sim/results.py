@@ -80,8 +80,8 @@ def summarise(run: Run, scenario: Scenario, frame: pd.DataFrame) -> dict[str, An
         # fast it serves the rest. A served request with no TPOT (one token, a cache hit) is left out.
         col = frame[f"{target.metric}_s"].where(frame["finished_at"].notna(), math.inf).dropna()
         with np.errstate(invalid="ignore"):
-            value = float(np.percentile(col, target.percentile)) if len(col) else None
-        value = value if value is not None and math.isfinite(value) else None
+            at = float(np.percentile(col, target.percentile)) if len(col) else math.nan
+        value = at if math.isfinite(at) else None
         slo[target.metric] = {"percentile": target.percentile, "max_s": target.max_s, "value_s": value,
                               "met": value is not None and value <= target.max_s}
     gpu_hours = run.gpu_seconds / 3600
