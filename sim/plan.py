@@ -376,6 +376,8 @@ def main(argv=None) -> int:
         from reports.capacity_report import write_capacity_report
         from sim.files import atomic_folder, check_replaceable
 
+        if args.workers < 1:
+            raise InputError("--workers: must be at least 1")
         plan = load_plan(args.plan, args.set)
         out = args.out or Path("results") / f"plan-{plan.name}"
         check_replaceable(out)

@@ -158,6 +158,7 @@ def test_a_results_folder_replaces_only_a_results_folder(tmp_path):
     (("sim.cli", "scenarios/bursty.yaml", "--seed", "-1"), "seed: must be >= 0"),
     (("calibration.validate", "scenarios/validation/steady.yaml", "--requests", "0"), "--requests: must be at least 1"),
     (("calibration.validate", "scenarios/validation/steady.yaml", "--requests", "-3"), "--requests: must be at least 1"),
+    (("sim.plan", "scenarios/experiments/capacity.yaml", "--workers", "0"), "--workers: must be at least 1"),
 ])
 def test_bad_command_line_values_fail_with_one_clear_line(tmp_path, args, message):
     assert_one_line_error(run(*args, "--out", str(tmp_path / "out")), message)
