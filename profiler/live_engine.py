@@ -102,6 +102,7 @@ class LiveEngine:
                                    cache=batch.cache, use_cache=True)
         return seconds
 
+    @torch.inference_mode()  # the cache stays inference tensors, as the passes made it (Bench._ids)
     def keep(self, running: set[int]) -> None:
         """Drop the rows of requests that left the batch, and padding no row needs any more."""
         batch = self.batch
@@ -231,12 +232,10 @@ def calibration_flood(engine: LiveEngine) -> LiveRun:
 
 def build_for_profile(profile, mode_name: str, device: torch.device):
     """The profile's model, in the profile's mode, on `device`."""
-    from profiler.measure import DTYPES
+    from profiler.measure import DTYPES, compile_model
     from profiler.models import build, lookup
 
     mode = profile.modes[mode_name]
     model = build(lookup(profile.model_name), DTYPES[mode.dtype], device)
-    if mode.compiled:
-        model = torch.compile(model, dynamic=True)
-    return model
+    return compile_model(model) if mode.compiled else model
 

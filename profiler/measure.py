@@ -25,6 +25,7 @@ import torch
 from calibration.profile import Flood
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPILED_GRAPHS = 128  # graphs dynamo may compile per function in a -compiled mode (compile_model)
 LENGTH_SPREAD = 16  # a prefill point of length L times L-8 .. L+7 in turn (Bench.prefill)
 AFTER_PREFILL_DECODES = 10  # decodes timed after each prefill (Bench.after_prefill): within 5% by the 4th-6th here
 # The longest prefill Bench.after_prefill times: past it the excess grew little (4,096 tokens' over
@@ -181,6 +182,19 @@ def keep_attention_steady() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def compile_model(model):
+    """The model under torch.compile, as the `-compiled` modes time it and serve it.
+
+    Each call signature the grid and the serving loop use (prefill or decode, one row or many,
+    with or without a padding mask) is a graph of its own, and past torch's default of 8 graphs
+    per function dynamo silently runs the rest eagerly: a quick CPU grid hit that limit, so a
+    "compiled" profile timed mostly eager passes. So allow more graphs than any grid needs, and
+    make hitting the limit an error rather than a quiet fallback."""
+    torch._dynamo.config.recompile_limit = COMPILED_GRAPHS
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    return torch.compile(model, dynamic=True)
+
+
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -192,7 +206,7 @@ class Bench:
         self.model, self.device, self.mode, self.spec = model, device, mode, spec
         self.dtype = DTYPES[mode.dtype]
         self.vocab = model.config.vocab_size
-        self.forward = torch.compile(model, dynamic=True) if mode.compiled else model
+        self.forward = compile_model(model) if mode.compiled else model
         with torch.inference_mode():  # learn the cache layout from a one-token pass
             cache = model(input_ids=self._ids(1, 1), use_cache=True).cache
             for _ in range(3):  # first passes pay one-time costs (allocator, kernel selection)
@@ -208,6 +222,10 @@ class Bench:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    # Every input is made an inference tensor, as the passes' outputs and the live engine's
+    # inputs are: dynamo guards on a tensor's dispatch keys, so a -compiled mode compiled a graph
+    # for each kind (9 of the 21 a quick CPU grid compiled).
+    @torch.inference_mode()
     def _ids(self, b: int, n: int) -> torch.Tensor:
         return torch.randint(0, self.vocab, (b, n), device=self.device)
 
@@ -217,6 +235,7 @@ class Bench:
         itemsize = torch.finfo(self.dtype).bits // 8
         return sum(2 * heads * dim * itemsize for heads, dim in self.cache_shapes)
 
+    @torch.inference_mode()
     def synthetic_cache(self, b: int, context: int):
         """A KV cache of `context` random tokens per row. All layers start from one random tensor
         per head shape, shared: the values do not change a pass's cost, the first pass gives each
@@ -423,6 +442,7 @@ class Bench:
         return statistics.mean(results)
 
 
+@torch.inference_mode()  # an inference tensor, as Bench._ids says why
 def padding_mask(b: int, length: int, device: torch.device) -> torch.Tensor | None:
     """The attention mask a padded batch of `b` rows passes, or None for one row (never padded).
 

@@ -106,6 +106,24 @@ def test_a_checkpoints_profile_names_the_folder_the_live_engine_rebuilds_it_from
         lookup("/nowhere/ckpt")  # the profile read on a machine without the checkpoint
 
 
+def test_a_compiled_mode_fails_rather_than_timing_eager_passes_past_its_graph_limit(monkeypatch):
+    """Past its graph limit dynamo runs a function eagerly, so a -compiled profile would time eager
+    passes and call them compiled: compile_model raises the limit and makes reaching it an error."""
+    torch = pytest.importorskip("torch")
+    from profiler import measure
+
+    for key in ("recompile_limit", "fail_on_recompile_limit_hit"):  # restored after the test
+        monkeypatch.setattr(torch._dynamo.config, key, getattr(torch._dynamo.config, key))
+    monkeypatch.setattr(measure, "COMPILED_GRAPHS", 2)
+    torch._dynamo.reset()
+    model = measure.compile_model(torch.nn.Linear(4, 4))
+    model(torch.ones(1, 4))  # a graph for one row (dynamo specialises size 1)
+    model(torch.ones(3, 4))  # a graph for any other row count
+    with pytest.raises(Exception, match="recompile_limit"):
+        model(torch.ones(3, 4, dtype=torch.float64))  # a third graph: over the limit
+    torch._dynamo.reset()
+
+
 def test_corrupt_profile_is_never_half_written(tmp_path):
     from calibration.profile import save
 
