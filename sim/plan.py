@@ -17,10 +17,10 @@ import json
 import math
 import os
 import sys
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -321,8 +321,11 @@ def recommend(results: list[dict], target_rps: float | None) -> dict | None:
     return {"config": best["config"], "why": why, "slo_margin": slack}
 
 
-def run_plan(plan: Plan, executor: Executor) -> list[dict]:
+def run_plan(plan: Plan, executor: Executor, done: Callable[[], None] = lambda: None) -> list[dict]:
+    """Every configuration evaluated on `executor`, in the plan's order; `done()` as each finishes."""
     futures = [executor.submit(evaluate, c, plan.target_rps, plan.max_replicas) for c in plan.configs]
+    for _ in as_completed(futures):
+        done()
     return [f.result() for f in futures]
 
 
@@ -366,6 +369,7 @@ def parse_args(argv):
                    help="override a plan value, e.g. --set target_rps=11, --set 'search.deployment.replicas=[1, 2]', "
                         "--set hardware.0.usd_per_gpu_hour=2.5")
     p.add_argument("--out", type=Path, help="results folder (default: results/plan-<name>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -373,6 +377,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def run() -> int:
+        from tqdm import tqdm
+
         from reports.capacity_report import write_capacity_report
         from sim.files import atomic_folder, check_replaceable
 
@@ -381,6 +387,7 @@ def main(argv=None) -> int:
         plan = load_plan(args.plan, args.set)
         out = args.out or Path("results") / f"plan-{plan.name}"
         check_replaceable(out)
+        bar = tqdm(total=len(plan.configs), unit="config", disable=args.quiet or not sys.stderr.isatty(), leave=False)
         if args.scheduler:
             from distributed import Client
 
@@ -389,10 +396,11 @@ def main(argv=None) -> int:
             except OSError as e:
                 raise InputError(f"--scheduler {args.scheduler}: cannot reach the Dask scheduler ({e})") from None
             with client:
-                results = run_plan(plan, client.get_executor())
+                results = run_plan(plan, client.get_executor(), bar.update)
         else:
             with ProcessPoolExecutor(max_workers=max(1, min(args.workers, len(plan.configs)))) as pool:
-                results = run_plan(plan, pool)
+                results = run_plan(plan, pool, bar.update)
+        bar.close()
         front, rec = pareto(results), recommend(results, plan.target_rps)
         summary = {"plan": plan.name, "target_rps": plan.target_rps, "results": results,
                    "pareto": front, "recommendation": rec}
