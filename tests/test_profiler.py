@@ -106,6 +106,7 @@ def test_a_checkpoints_profile_names_the_folder_the_live_engine_rebuilds_it_from
         lookup("/nowhere/ckpt")  # the profile read on a machine without the checkpoint
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, raised as inductor loads
 def test_a_compiled_mode_fails_rather_than_timing_eager_passes_past_its_graph_limit(monkeypatch):
     """Past its graph limit dynamo runs a function eagerly, so a -compiled profile would time eager
     passes and call them compiled: compile_model raises the limit and makes reaching it an error."""
