@@ -160,3 +160,46 @@ def test_a_pass_after_an_idle_gap_pays_the_wake_penalty(tmp_path, write_profile,
     # The first two find the device idle (cold, then 485 ms since the last pass); the third
     # queues behind the second and runs straight after it.
     assert frame["ttft_s"].tolist() == pytest.approx([0.015, 0.015, 0.015 + 0.01 - 0.002])
+
+
+def test_the_response_cache_answers_a_repeat_until_its_entry_expires(write_profile, write_scenario):
+    # One prompt repeated: a request is a hit exactly when a miss finished before it arrived and
+    # within the TTL (each miss's finish sets the entry's expiry; a hit does not extend it).
+    ttl = 3.0
+    s = base_scenario(write_profile(prefill=lambda b, p: 0.2, decode=lambda b, c: 0.05))
+    s["workload"] |= {"num_requests": 300, "arrivals": {"kind": "poisson", "rate": 2.0},
+                      "prompt_keys": {"distinct": 1}}
+    s["response_cache"] = {"ttl_s": ttl, "capacity": 10}
+    run, frame, summary = run_scenario(write_scenario(s))
+    check_invariants(run, frame, summary, s)
+    misses = frame[~frame["cache_hit"]]
+    expected = []
+    for t in frame["arrived_at"]:
+        before = misses["finished_at"][misses["finished_at"] < t]
+        expected.append(bool(len(before)) and t < before.max() + ttl)
+    assert frame["cache_hit"].tolist() == expected
+    assert 0 < frame["cache_hit"].sum() < len(frame) - 1  # both outcomes occur
+    hits = frame[frame["cache_hit"]]
+    assert (hits["e2e_s"] == 0).all() and (hits["replica"] == -1).all()
+
+
+def test_the_autoscaler_adds_replicas_under_load_and_routes_none_before_they_have_loaded(write_profile, write_scenario):
+    load_s = 5.0
+    profile = write_profile(prefill=lambda b, p: 0.02 + 1e-4 * b * p, decode=lambda b, c: 0.01, model_load_s=load_s)
+    s = base_scenario(profile)
+    s["workload"] |= {"num_requests": 1500, "arrivals": {"kind": "poisson", "rate": 40.0}}
+    s["autoscaler"] = {"policy": "queue-depth", "target_queue_per_replica": 8, "min_replicas": 1,
+                       "max_replicas": 4, "interval_s": 1, "cooldown_s": 2}
+    run, frame, summary = run_scenario(write_scenario(s))
+    check_invariants(run, frame, summary, s)
+    ups = [a for a in run.actions if a[1] == "scale_up"]
+    assert ups and max(a[3] for a in run.actions) > 1
+    # Replicas are numbered in the order they are added; each is ready model_load_s later.
+    ready_at = [0.0]
+    for time_s, action, before, after, _ in run.actions:
+        if action == "scale_up":
+            ready_at += [time_s + load_s] * (after - before)
+    assert frame["replica"].max() == len(ready_at) - 1
+    # The router picks a replica as a request arrives, among those that have loaded.
+    served = frame[frame["replica"] >= 0]
+    assert (served["arrived_at"] >= served["replica"].map(lambda r: ready_at[r])).all()

@@ -75,3 +75,18 @@ def test_static_batch_keeps_finished_rows_until_the_longest_is_done():
     steps = drive(s, [Request(0, 0.0, 5, 2), Request(1, 0.0, 9, 4)])
     assert [st.decode_seqs for st in steps[1:]] == [2, 2, 2]  # the short row is computed to the end
     assert steps[0].prefill_len == 9
+
+
+def test_prefix_caching_skips_a_computed_prefix_but_always_computes_the_last_token():
+    s = ContinuousScheduler(max_num_seqs=4, max_batched_tokens=1000, kv_capacity=10_000, prefix_caching=True)
+    first = Request(0, 0.0, 300, 1, prefix_id=7, prefix_tokens=200)
+    assert [st.prefill[0][1] for st in drive(s, [first])] == [300]  # nothing cached yet
+    same, other = Request(1, 0.0, 300, 1, prefix_id=7, prefix_tokens=200), Request(2, 0.0, 300, 1, prefix_id=8,
+                                                                                  prefix_tokens=200)
+    step = drive(s, [same, other])[0]
+    assert [(r.id, tokens) for r, tokens in step.prefill] == [(1, 100), (2, 300)]
+    whole = Request(3, 0.0, 201, 1, prefix_id=7, prefix_tokens=200)  # all but its last token cached
+    assert drive(s, [whole])[0].prefill[0][1] == 1
+    plain = ContinuousScheduler(max_num_seqs=4, max_batched_tokens=1000, kv_capacity=10_000)
+    drive(plain, [Request(0, 0.0, 300, 1, prefix_id=7, prefix_tokens=200)])
+    assert drive(plain, [Request(1, 0.0, 300, 1, prefix_id=7, prefix_tokens=200)])[0].prefill[0][1] == 300
