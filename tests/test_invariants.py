@@ -183,13 +183,15 @@ def test_the_response_cache_answers_a_repeat_until_its_entry_expires(write_profi
     assert (hits["e2e_s"] == 0).all() and (hits["replica"] == -1).all()
 
 
-def test_the_autoscaler_adds_replicas_under_load_and_routes_none_before_they_have_loaded(write_profile, write_scenario):
+@pytest.mark.parametrize("policy", [{"policy": "queue-depth", "target_queue_per_replica": 8},
+                                    {"policy": "latency", "target_ttft_s": 0.5, "window_s": 5}])
+def test_the_autoscaler_adds_replicas_under_load_and_routes_none_before_they_have_loaded(
+        write_profile, write_scenario, policy):
     load_s = 5.0
     profile = write_profile(prefill=lambda b, p: 0.02 + 1e-4 * b * p, decode=lambda b, c: 0.01, model_load_s=load_s)
     s = base_scenario(profile)
     s["workload"] |= {"num_requests": 1500, "arrivals": {"kind": "poisson", "rate": 40.0}}
-    s["autoscaler"] = {"policy": "queue-depth", "target_queue_per_replica": 8, "min_replicas": 1,
-                       "max_replicas": 4, "interval_s": 1, "cooldown_s": 2}
+    s["autoscaler"] = policy | {"min_replicas": 1, "max_replicas": 4, "interval_s": 1, "cooldown_s": 2}
     run, frame, summary = run_scenario(write_scenario(s))
     check_invariants(run, frame, summary, s)
     ups = [a for a in run.actions if a[1] == "scale_up"]
@@ -199,7 +201,7 @@ def test_the_autoscaler_adds_replicas_under_load_and_routes_none_before_they_hav
     for time_s, action, before, after, _ in run.actions:
         if action == "scale_up":
             ready_at += [time_s + load_s] * (after - before)
-    assert frame["replica"].max() == len(ready_at) - 1
+    assert 1 <= frame["replica"].max() <= len(ready_at) - 1  # one added late may serve nothing
     # The router picks a replica as a request arrives, among those that have loaded.
     served = frame[frame["replica"] >= 0]
     assert (served["arrived_at"] >= served["replica"].map(lambda r: ready_at[r])).all()
