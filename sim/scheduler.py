@@ -171,10 +171,10 @@ class ContinuousScheduler:
     leaves beside the decodes. Admission is first come, first served, limited by `max_num_seqs`,
     `max_batched_tokens` and the KV cache, which is paged with no fragmentation (block size 1).
     When a decode step would overflow the cache, the newest request is preempted and later
-    recomputed from scratch (vLLM's recompute preemption). With `prefix_caching`, a prompt whose
-    shared prefix this worker has computed before skips it (all but its last token), as vLLM's
-    automatic prefix caching does; two simplifications: a computed prefix stays cached for good,
-    and each request still holds its own KV for it (vLLM shares the blocks).
+    recomputed from scratch (vLLM's recompute preemption). With `prefix_caching`, a prompt skips
+    a shared prefix this worker has computed before (a prompt's last token is always computed),
+    as vLLM's automatic prefix caching does, with two simplifications: a computed prefix stays
+    cached for good, and each request still holds its own KV for it (vLLM shares the blocks).
 
     `padded` prices steps as an engine with a padded KV cache computes them (HF transformers,
     TGI v1, servesim's live engine): new prompts padded to the longest one, decode attending
