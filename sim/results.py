@@ -67,7 +67,8 @@ def meets_slo(frame: pd.DataFrame, scenario: Scenario) -> pd.Series:
 
 
 def summarise(run: Run, scenario: Scenario, frame: pd.DataFrame) -> dict[str, Any]:
-    served = frame[frame["finished_at"].notna()]
+    is_served = frame["finished_at"].notna()
+    served = frame[is_served]
     start = float(frame["arrived_at"].min())
     # With nothing served every rate is 0 (an infinite span), not NaN, which JSON cannot hold.
     span = max(float(served["finished_at"].max()) - start, 1e-12) if len(served) else math.inf
@@ -78,7 +79,7 @@ def summarise(run: Run, scenario: Scenario, frame: pd.DataFrame) -> dict[str, An
         # A rejected request never gets its tokens: it counts as missing every bound, so a
         # deployment that turns away more than the percentile allows fails (value None), however
         # fast it serves the rest. A served request with no TPOT (one token, a cache hit) is left out.
-        col = frame[f"{target.metric}_s"].where(frame["finished_at"].notna(), math.inf).dropna()
+        col = frame[f"{target.metric}_s"].where(is_served, math.inf).dropna()
         with np.errstate(invalid="ignore"):
             at = float(np.percentile(col, target.percentile)) if len(col) else math.nan
         value = at if math.isfinite(at) else None
