@@ -11,19 +11,20 @@ from reports.html import figure, page, table
 from sim.plan import operating_point, shortfall
 
 
-def _latency_vs_load(results: list[dict], metric: str, bound: float | None, x_key: str, x_title: str) -> go.Figure:
+def _latency_vs_load(results: list[dict], metric: str, target: dict, x_key: str, x_title: str) -> go.Figure:
+    """Each configuration's SLO metric at the SLO's own percentile, against its bound. A point
+    with no value (the percentile falls among rejected requests) is left out."""
     fig = go.Figure()
     for r in results:
-        pts = [p for p in r["curve"] if p[metric] is not None]
-        fig.add_trace(go.Scatter(x=[p[x_key] for p in pts], y=[p[metric] for p in pts], mode="lines+markers",
-                                 name=r["config"]))
-    if bound is not None:
-        # On a log axis plotly places a line at its value but an annotation at 10**value (plotly.py
-        # issue #2580): add_hline's own annotation at an SLO of 10 s stretched the axis to 1e10 s.
-        fig.add_hline(y=bound, line_dash="dash", line_color="red")
-        fig.add_annotation(y=math.log10(bound), x=1, xref="paper", text="SLO", showarrow=False,
-                           xanchor="right", yanchor="bottom", font_color="red")
-    fig.update_layout(title=f"{metric.replace('_p95_s', '').upper()} p95 vs {x_title}", xaxis_title=x_title,
+        pts = [p for p in r["curve"] if p["slo"][metric]["value_s"] is not None]
+        fig.add_trace(go.Scatter(x=[p[x_key] for p in pts], y=[p["slo"][metric]["value_s"] for p in pts],
+                                 mode="lines+markers", name=r["config"]))
+    # On a log axis plotly places a line at its value but an annotation at 10**value (plotly.py
+    # issue #2580): add_hline's own annotation at an SLO of 10 s stretched the axis to 1e10 s.
+    fig.add_hline(y=target["max_s"], line_dash="dash", line_color="red")
+    fig.add_annotation(y=math.log10(target["max_s"]), x=1, xref="paper", text="SLO", showarrow=False,
+                       xanchor="right", yanchor="bottom", font_color="red")
+    fig.update_layout(title=f"{metric.upper()} p{target['percentile']:g} vs {x_title}", xaxis_title=x_title,
                       yaxis_title="seconds", yaxis_type="log")
     return fig
 
@@ -77,8 +78,7 @@ def write_capacity_report(summary: dict, path: Path) -> None:
     sections = [verdict, table(header, rows)]
     for metric in ("ttft", "tpot", "e2e"):
         if metric in slo:
-            sections.append(figure(_latency_vs_load(results, f"{metric}_p95_s", slo[metric]["max_s"], x_key, x_title),
-                                   f"lat_{metric}"))
+            sections.append(figure(_latency_vs_load(results, metric, slo[metric], x_key, x_title), f"lat_{metric}"))
     if target is None:
         sections.append(figure(_saturation(results), "saturation"))
     sections.append(figure(_pareto(results, summary["pareto"]), "pareto"))

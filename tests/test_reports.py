@@ -87,6 +87,18 @@ def test_capacity_report_renders(tmp_path):
     assert_report_rebuilds_identically(out)
 
 
+def test_the_capacity_reports_latency_curves_are_the_slos_own_percentile():
+    from reports.capacity_report import _latency_vs_load
+
+    def point(rps, value):
+        return {"offered_rps": rps, "slo": {"ttft": {"percentile": 99, "max_s": 1.0, "value_s": value}}}
+
+    curve = [point(1.0, 0.2), point(2.0, 0.5), point(3.0, None)]  # at 3 req/s the p99 is a rejected request
+    fig = _latency_vs_load([{"config": "a", "curve": curve}], "ttft", curve[0]["slo"]["ttft"], "offered_rps", "load")
+    assert fig.layout.title.text == "TTFT p99 vs load"
+    assert list(fig.data[0].x) == [1.0, 2.0] and list(fig.data[0].y) == [0.2, 0.5]
+
+
 def test_validation_report_renders(validation_run, tmp_path):
     check(validation_run / "report.html", tmp_path)
     copy = tmp_path / "copy"
