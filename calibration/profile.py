@@ -111,7 +111,8 @@ class Profile:
 def resolve(name_or_path: str, base: Path | None = None) -> Path:
     """A shipped profile name (`cpu-gpt2-tiny`) or a path, relative to `base` if given."""
     candidate = Path(name_or_path)
-    if base is not None and not candidate.is_absolute():
+    relative = base is not None and not candidate.is_absolute()
+    if relative:
         candidate = base / candidate
     if candidate.suffix == ".json" and candidate.exists():
         return candidate
@@ -119,7 +120,7 @@ def resolve(name_or_path: str, base: Path | None = None) -> Path:
     if shipped.exists():
         return shipped
     names = ", ".join(sorted(p.stem for p in SHIPPED.glob("*.json")))
-    where = f" (a relative path is read from {base}/)" if base is not None and not Path(name_or_path).is_absolute() else ""
+    where = f" (a relative path is read from {base}/)" if relative else ""
     raise InputError(f"profile {name_or_path!r} not found: not a file{where}, nor a shipped profile ({names})")
 
 

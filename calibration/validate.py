@@ -270,9 +270,9 @@ def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: 
     penalties = {"wake": bench.wake_penalty(), "after_prefill": bench.after_prefill()}
     wake, after = penalties["wake"], penalties["after_prefill"]
     say(quiet, f"first pass after {wake['gap_s'][-1] * 1e3:g} ms idle: {wake['extra_s'][-1] * 1e3:.2f} ms slower; "
-        f"first decode after a {after['tokens'][-1]}-token prefill: "
-        + ", ".join(f"{table[-1][0]:.0%} slower at {r} row{'s' if r > 1 else ''}"
-                 for r, table in zip(after["rows"], after["excess"])))
+               f"first decode after a {after['tokens'][-1]}-token prefill: "
+               + ", ".join(f"{table[-1][0]:.0%} slower at {r} row{'s' if r > 1 else ''}"
+                           for r, table in zip(after["rows"], after["excess"])))
     peaks = device_peaks(device, [mode.dtype])
     info = device_info(device) | {"copy_bytes_per_s": peaks["copy_bytes_per_s"]}
     return Rig(scenario, profile, base, engine, bench, penalties, peaks, info, model_load_s, quiet)

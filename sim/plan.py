@@ -387,20 +387,20 @@ def main(argv=None) -> int:
         plan = load_plan(args.plan, args.set)
         out = args.out or Path("results") / f"plan-{plan.name}"
         check_replaceable(out)
-        bar = tqdm(total=len(plan.configs), unit="config", disable=args.quiet or not sys.stderr.isatty(), leave=False)
-        if args.scheduler:
-            from distributed import Client
+        with tqdm(total=len(plan.configs), unit="config", disable=args.quiet or not sys.stderr.isatty(),
+                  leave=False) as bar:
+            if args.scheduler:
+                from distributed import Client
 
-            try:
-                client = Client(args.scheduler, timeout=10)
-            except OSError as e:
-                raise InputError(f"--scheduler {args.scheduler}: cannot reach the Dask scheduler ({e})") from None
-            with client:
-                results = run_plan(plan, client.get_executor(), bar.update)
-        else:
-            with ProcessPoolExecutor(max_workers=max(1, min(args.workers, len(plan.configs)))) as pool:
-                results = run_plan(plan, pool, bar.update)
-        bar.close()
+                try:
+                    client = Client(args.scheduler, timeout=10)
+                except OSError as e:
+                    raise InputError(f"--scheduler {args.scheduler}: cannot reach the Dask scheduler ({e})") from None
+                with client:
+                    results = run_plan(plan, client.get_executor(), bar.update)
+            else:
+                with ProcessPoolExecutor(max_workers=max(1, min(args.workers, len(plan.configs)))) as pool:
+                    results = run_plan(plan, pool, bar.update)
         front, rec = pareto(results), recommend(results, plan.target_rps)
         summary = {"plan": plan.name, "target_rps": plan.target_rps, "results": results,
                    "pareto": front, "recommendation": rec}

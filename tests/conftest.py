@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def synthetic_profile(prefill=lambda b, p: 0.01, decode=lambda b, c: 0.001, memory_bytes=10**12,
                       weights_bytes=10**6, kv_bytes_per_token=1000, model_load_s=5.0, concurrency=None,
-                      flood=None, wake=((0.01, 0.1), (0.0, 0.0)), after_prefill=None) -> dict:
+                      flood=None, wake=((0.01, 0.1), (0.0, 0.0)), after_prefill=None, model_config=None) -> dict:
     """A valid profile whose grid holds prefill(b, p) and decode(b, c) seconds, with an optional
-    calibration flood section (see flood_section) and after-prefill excess ((rows, tokens, excess))."""
+    calibration flood section (see flood_section), after-prefill excess ((rows, tokens, excess))
+    and model config (where a context window is read from)."""
     batches, lengths, contexts = [1, 2, 4, 8, 16, 32, 64], [16, 64, 256, 1024, 4096], [16, 64, 256, 1024, 4096]
     mode = {
         "dtype": "fp16", "kv_cache": True, "compiled": False,
@@ -37,7 +38,8 @@ def synthetic_profile(prefill=lambda b, p: 0.01, decode=lambda b, c: 0.001, memo
         mode["concurrency"] = {"workers": list(concurrency), "step_s": list(concurrency.values())}
     return {"schema_version": SCHEMA_VERSION, "name": "synthetic", "model_load_s": model_load_s,
             "device": {"type": "cuda", "name": "synthetic test device", "memory_bytes": memory_bytes},
-            "model": {"name": "synthetic"}, "modes": {"fp16": mode}}
+            "model": {"name": "synthetic"} | ({"config": model_config} if model_config is not None else {}),
+            "modes": {"fp16": mode}}
 
 
 def flood_section(steps, forward_s, overhead_s) -> dict:

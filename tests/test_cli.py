@@ -105,7 +105,7 @@ def test_bad_trace_row_is_named_by_line_and_column(tmp_path, write_profile):
     ("{not json", "invalid JSON"),
     ('{"schema_version": 99}', "schema_version: is 99"),
     (f'{{"schema_version": {SCHEMA_VERSION}, "name": "x"}}', "device: is required"),
-    (json.dumps(synthetic_profile() | {"model": {"name": "x", "config": {"n_positions": "big"}}}),
+    (json.dumps(synthetic_profile(model_config={"n_positions": "big"})),
      "model.config: the context window must be a positive integer, got 'big'"),
 ])
 def test_corrupt_profiles_are_rejected_clearly(tmp_path, content, message):

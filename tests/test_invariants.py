@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -95,15 +97,10 @@ def test_tight_kv_cache_preempts_and_still_finishes_everyone(write_profile, writ
 
 
 @pytest.mark.parametrize("policy", [{"policy": "continuous"}, {"policy": "dynamic"}])
-def test_requests_over_the_kv_cache_or_the_context_window_are_rejected_with_a_reason(tmp_path, write_scenario, policy):
-    import json
-    from conftest import synthetic_profile
-
-    profile = synthetic_profile()
-    profile["model"]["config"] = {"n_positions": 500}  # GPT-2's key for its context window
-    path = tmp_path / "windowed.json"
-    path.write_text(json.dumps(profile))
-    s = base_scenario(path, kv_cache_tokens=300, batching=policy)
+def test_requests_over_the_kv_cache_or_the_context_window_are_rejected_with_a_reason(
+        write_profile, write_scenario, policy):
+    profile = write_profile(model_config={"n_positions": 500})  # GPT-2's key for its context window
+    s = base_scenario(profile, kv_cache_tokens=300, batching=policy)
     s["workload"]["prompt_tokens"] = {"kind": "uniform", "low": 16, "high": 600}
     run, frame, summary = run_scenario(write_scenario(s))
     check_invariants(run, frame, summary, s)
@@ -117,8 +114,6 @@ def test_requests_over_the_kv_cache_or_the_context_window_are_rejected_with_a_re
 
 
 def test_a_run_that_serves_nothing_reports_zero_rates_as_strict_json(write_profile, write_scenario):
-    import json
-
     s = base_scenario(write_profile(), kv_cache_tokens=10)  # no prompt of 16 tokens or more fits
     run, frame, summary = run_scenario(write_scenario(s))
     check_invariants(run, frame, summary, s)

@@ -89,16 +89,11 @@ def test_a_configuration_that_rejects_every_request_says_so(tmp_path, write_prof
     assert result["results"][0]["saturation_rps"] == 0
 
 
-def test_a_configuration_that_rejects_more_than_the_percentile_allows_fails_and_says_why(tmp_path):
+def test_a_configuration_that_rejects_more_than_the_percentile_allows_fails_and_says_why(tmp_path, write_profile):
     # A quarter of the requests (prompts of 100-128 tokens, and one output token) do not fit a
     # 100-token context window: served fast, the rest would meet a p95 bound, but a request turned
     # away misses it.
-    from conftest import synthetic_profile
-
-    profile = synthetic_profile(prefill=lambda b, p: 0.01)
-    profile["model"]["config"] = {"max_position_embeddings": 100}
-    (tmp_path / "windowed.json").write_text(json.dumps(profile))
-    base = base_scenario(tmp_path / "windowed.json")
+    base = base_scenario(write_profile(prefill=lambda b, p: 0.01, model_config={"max_position_embeddings": 100}))
     base["workload"] = {"num_requests": 400, "arrivals": {"kind": "poisson", "rate": 5.0},
                         "prompt_tokens": {"kind": "uniform", "low": 16, "high": 128},
                         "output_tokens": {"kind": "fixed", "value": 1}}
