@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from sim.errors import InputError
 
 REQUIRED = object()
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1, which PyYAML reads, takes `1e9` and `2.5e-3` for strings (it wants `1.0e+9`);
+    this loader reads them as numbers, as YAML 1.2 and every other config reader do."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document (raises yaml.YAMLError)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """The YAML file at `path`; an unreadable or invalid one is an InputError naming the file
+    (and the line), `what` saying what the file was read as."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read {what}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise InputError(f"{path}: {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
 
 
 class Fields:

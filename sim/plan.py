@@ -22,11 +22,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 
 from sim.cli_util import run_command
 from sim.errors import InputError
-from sim.fields import Fields
+from sim.fields import Fields, read_yaml
 
 EPILOG = """
 examples:
@@ -81,12 +80,7 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
     from sim import scenario as scenario_mod
 
     file = str(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise InputError(f"{file}: cannot read plan: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise InputError(f"{file}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    data = read_yaml(path, "plan")
     if overrides:
         data = scenario_mod.apply_overrides(data if isinstance(data, dict) else {}, list(overrides), file)
     top = Fields(data, file)
@@ -94,9 +88,9 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
         top.fail("this is a scenario: run `simulate " + file + "`, or name it as a plan's base", "base")
     base_path = path.parent / top.str("base")
     try:
-        base = yaml.safe_load(base_path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        top.fail(f"cannot read the base scenario {str(base_path)!r}", "base")
+        base = read_yaml(base_path, "the base scenario")
+    except InputError as e:
+        top.fail(str(e), "base")
     target = top.num("target_rps", None, positive=True)
     max_replicas = top.num("max_replicas", 16, integer=True, low=1)
     num_requests = top.num("num_requests", None, integer=True, low=1)

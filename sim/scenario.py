@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from sim.errors import InputError
-from sim.fields import Fields
+from sim.fields import Fields, parse_yaml, read_yaml
 from sim.workload import Trace, read_trace
 
 POLICIES = ("static", "dynamic", "continuous")
@@ -216,7 +216,7 @@ def _workload(w: Fields, base: Path) -> Workload:
                          prefix.num("fraction", 1.0, low=0, high=1))
         prefix.done()
     w.done()
-    return Workload(w.where(), arrivals, prompt, output, num_requests, duration_s, prompt_keys, shared_prefix)
+    return Workload(f"{w.file}: {w.where()}", arrivals, prompt, output, num_requests, duration_s, prompt_keys, shared_prefix)
 
 
 def _batching(b: Fields) -> Batching:
@@ -304,7 +304,7 @@ def apply_overrides(data: Any, overrides: list[str], file: str) -> Any:
         if not sep or not key:
             raise InputError(f"--set {item!r}: expected key.path=value")
         try:
-            value = yaml.safe_load(text)
+            value = parse_yaml(text)
         except yaml.YAMLError:
             raise InputError(f"--set {item!r}: the value is not valid YAML") from None
         node, parts = data, key.split(".")
@@ -330,16 +330,7 @@ def apply_overrides(data: Any, overrides: list[str], file: str) -> Any:
 
 def load(path: str | Path, overrides: list[str] = ()) -> Scenario:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{path}: cannot read scenario: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise InputError(f"{path}: {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    data = read_yaml(path, "scenario")
     if overrides:
         data = apply_overrides(data if isinstance(data, dict) else {}, list(overrides), str(path))
     return parse(data, str(path), path.parent)

@@ -59,6 +59,7 @@ BAD_SCENARIOS = [
     (lambda s: s.update(autoscaler={"policy": "queue-depth", "max_replicas": 2, "min_replicas": 3,
                                     "target_queue_per_replica": 4}), "autoscaler.max_replicas: must be >= 3"),
     (lambda s: s["deployment"].update(workers_per_gpu=100, gpu_memory_utilization=0.1), "do not fit"),
+    (lambda s: s["workload"].update(num_requests=None, duration_s=0.001), "workload: generates no request"),
 ]
 
 
@@ -198,6 +199,17 @@ def test_autoscaler_off_survives_yaml_booleans(tmp_path, write_profile):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(s) + "autoscaler: {policy: off}\n")  # YAML 1.1: off is false
     assert load(path).autoscaler is None
+
+
+def test_exponent_numbers_are_numbers_in_files_and_overrides(tmp_path, write_profile):
+    from sim.scenario import load
+
+    s = base_scenario(write_profile())
+    s["workload"]["arrivals"] = {"kind": "poisson", "rate": "RATE"}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(s).replace("RATE", "2e1"))  # YAML 1.1 would read a string
+    assert load(path).workload.arrivals.params["rate"] == 20.0
+    assert load(path, ["workload.arrivals.rate=2.5e-1"]).workload.arrivals.params["rate"] == 0.25
 
 
 def test_a_mode_without_kv_cache_simulates_and_says_so(tmp_path):
