@@ -7,6 +7,7 @@ cost a few megabytes and the simulator creates Request objects only as they arri
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,13 @@ def read_trace(path: str | Path) -> Trace:
     """Read a request trace CSV, naming the line and column of the first bad value."""
     path = str(path)
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # index_col=False: else pandas takes a first row with one field too many for an index
+        # column and shifts every value of the trace one column left. It warns instead.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except pd.errors.ParserWarning:
+        raise InputError(f"{path}: line 2: more fields than the header names") from None
     except FileNotFoundError:
         raise InputError(f"{path}: trace file not found") from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:

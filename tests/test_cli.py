@@ -102,6 +102,21 @@ def test_bad_trace_row_is_named_by_line_and_column(tmp_path, write_profile):
                           "line 3: column num_prefill_tokens", "'ten'")
 
 
+@pytest.mark.parametrize("rows,message", [
+    ("0.0,10,5,7\n", "line 2: more fields than the header names"),  # pandas would shift it into 10,5,7
+    ("0.0,10,5\n0.5,10,5,7\n", "Expected 3 fields in line 3, saw 4"),
+    ("0.0,10\n", "line 2: column num_decode_tokens: expected a whole number >= 1, got ''"),
+])
+def test_a_trace_row_of_the_wrong_width_is_refused(tmp_path, rows, message):
+    from sim.errors import InputError
+    from sim.workload import read_trace
+
+    trace = tmp_path / "trace.csv"
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n" + rows)
+    with pytest.raises(InputError, match=message):
+        read_trace(trace)
+
+
 @pytest.mark.parametrize("content,message", [
     ("{not json", "invalid JSON"),
     ('{"schema_version": 99}', "schema_version: is 99"),
