@@ -50,6 +50,8 @@ a plan file:
 """
 
 BISECTION_STEPS = 7
+# Arrival parameters that only scale the offered rate, which the planner sets itself.
+RATE_KEYS = ("workload.arrivals.rate", "workload.arrivals.mean_rate", "workload.arrivals.time_scale")
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
                 search.fail("must be a non-empty list of values to try", key)
             if target is not None and key == "deployment.replicas":
                 search.fail("with target_rps the planner searches replicas itself: remove this key", key)
+            if key in RATE_KEYS:  # every configuration's arrivals are scaled to the rate under test
+                search.fail("the planner sets the offered rate itself: remove this key (target_rps asks "
+                            "for the fewest replicas at one rate)", key)
             axes.append((key, values))
     hardware = top.raw("hardware", None)
     if hardware is not None and (not isinstance(hardware, list) or not hardware):
@@ -141,6 +146,9 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
             raw["slo"] = slo
         label = " ".join([hw_label] * bool(hw_label) + [_label(k, v) for k, v in zip((k for k, _ in axes), combo)])
         label = label or "base"
+        if any(c.name == label for c in configs):
+            raise InputError(f"{file}: two configurations are named {label!r}: give each hardware entry its "
+                             "own name and each search value once")
         scenario = scenario_mod.parse(raw, f"{file} [{label}]", base_path.parent)  # errors name the configuration
         if not scenario.slo:
             raise InputError(f"{file}: slo: the plan needs an SLO (here or in the base scenario)")

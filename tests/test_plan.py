@@ -116,6 +116,8 @@ def test_a_configuration_that_rejects_more_than_the_percentile_allows_fails_and_
     ({"hardware": [{"profile": "nope", "mode": "fp16", "usd_per_gpu_hour": 1}]}, "profile 'nope' not found"),
     ({"search": {"deployment.batching": [{"policy": "warp"}]}}, "'warp' is not one of"),
     ({"num_requests": 0}, "num_requests: must be >= 1, got 0"),
+    ({"search": {"workload.arrivals.rate": [1, 4]}}, "the planner sets the offered rate itself"),
+    ({"search": {"deployment.replicas": [1, 1]}}, "two configurations are named 'replicas=1'"),
 ])
 def test_bad_plans_fail_clearly(tmp_path, write_profile, plan, message):
     path = write_plan(tmp_path, write_profile(), {"slo": {"e2e": {"max_s": 1.0}}} | plan)
