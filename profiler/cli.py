@@ -135,7 +135,7 @@ def measure_profile(model, model_name: str, model_load_s: float, device, info: d
     limit = max_positions(model) - spec.warmup - 1 - 8
     spec = type(spec)(**{**spec.__dict__, "prefill_length": clip(spec.prefill_length, limit - 1),
                          "decode_context": clip(spec.decode_context, limit)})
-    bar = tqdm(total=grid_points(spec, modes), unit="pt", disable=quiet, file=sys.stderr)
+    bar = tqdm(total=grid_points(spec, modes), unit="pt", disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
     measured = measure_modes(model, device, modes, spec, bar)
     bar.close()
     return profile_record(model, model_name, model_load_s, info | {"copy_bytes_per_s": measured["copy_bytes_per_s"]},

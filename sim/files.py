@@ -47,6 +47,10 @@ def _check_ancestor(path: Path) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise InputError(f"{ancestor}: not a folder; choose another --out")
+    try:  # a trial file, not os.access: that says yes to root on a read-only mount or /proc
+        tempfile.TemporaryFile(dir=ancestor).close()
+    except OSError as e:
+        raise InputError(f"{ancestor}: cannot write here: {e.strerror}; choose another --out") from None
 
 
 def check_writable(path: str | Path) -> None:

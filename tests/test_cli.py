@@ -194,6 +194,12 @@ def test_report_names_the_results_file_that_is_missing_or_corrupt(tmp_path):
     assert_one_line_error(run("reports.cli", str(out)), "requests.csv is missing")
 
 
+def test_an_unwritable_out_fails_before_the_work():
+    # before minutes of profiling, not after them; /proc refuses a new file even to root
+    assert_one_line_error(run("profiler.cli", "--device", "cpu", "--model", "gpt2-tiny", "--out", "/proc/p.json"),
+                          "/proc: cannot write here")
+
+
 def test_profile_unknown_model_lists_the_known_ones():
     proc = run("profiler.cli", "--device", "cpu", "--model", "gpt5")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
