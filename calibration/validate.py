@@ -259,7 +259,7 @@ def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: 
     serving_regime(device, threads)  # the regime `profile` measured in
     say(quiet, f"building {profile.model_name} ({scenario.deployment.mode}) on {device} ...")
     start = time.perf_counter()
-    model = build_for_profile(profile, scenario.deployment.mode, device)
+    model = build_for_profile(profile, scenario.deployment.mode, device, quiet)
     model_load_s = time.perf_counter() - start
     engine = LiveEngine(model, device)
     engine.warm_up()

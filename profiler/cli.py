@@ -205,7 +205,7 @@ def main(argv=None) -> int:
 
         started = time.perf_counter()
         load_start = time.perf_counter()
-        model = build(model_spec, DTYPES[modes[0].dtype], device)
+        model = build(model_spec, DTYPES[modes[0].dtype], device, args.quiet)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         model_load_s = time.perf_counter() - load_start

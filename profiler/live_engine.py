@@ -230,12 +230,12 @@ def calibration_flood(engine: LiveEngine) -> LiveRun:
     return run_live(engine, scheduler, trace)
 
 
-def build_for_profile(profile, mode_name: str, device: torch.device):
-    """The profile's model, in the profile's mode, on `device`."""
+def build_for_profile(profile, mode_name: str, device: torch.device, quiet: bool = False):
+    """The profile's model, in the profile's mode, on `device` (`quiet`: as `build`)."""
     from profiler.measure import DTYPES, compile_model
     from profiler.models import build, lookup
 
     mode = profile.modes[mode_name]
-    model = build(lookup(profile.model_name), DTYPES[mode.dtype], device)
+    model = build(lookup(profile.model_name), DTYPES[mode.dtype], device, quiet)
     return compile_model(model) if mode.compiled else model
 

@@ -62,10 +62,15 @@ def lookup(name: str) -> ModelSpec | Path:
     raise InputError(f"unknown model {name!r}: not a local checkpoint folder, nor one of:\n{describe()}")
 
 
-def build(spec: ModelSpec | Path, dtype, device):
-    """The model in eval mode on `device`, weights initialised there directly (fast for 8B)."""
+def build(spec: ModelSpec | Path, dtype, device, quiet: bool = False):
+    """The model in eval mode on `device`, weights initialised there directly (fast for 8B);
+    `quiet`: without transformers' own "Loading weights" bar for a checkpoint."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging
+
+    if quiet:
+        logging.disable_progress_bar()
 
     with torch.device(device):
         if isinstance(spec, Path):
