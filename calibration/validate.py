@@ -267,6 +267,8 @@ def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: 
     base = workload.generate(scenario.workload, scenario.seed)
     mode = ModeSpec.parse(scenario.deployment.mode)
     bench = Bench(model, device, mode, replace(scenario_grid(scenario, base), passes=runs + 1))
+    say(quiet, f"timing the first pass after idle and the first decodes after a prefill (up to "
+               f"{max(bench.spec.decode_batch)} rows) ...")
     penalties = {"wake": bench.wake_penalty(), "after_prefill": bench.after_prefill()}
     wake, after = penalties["wake"], penalties["after_prefill"]
     say(quiet, f"first pass after {wake['gap_s'][-1] * 1e3:g} ms idle: {wake['extra_s'][-1] * 1e3:.2f} ms slower; "
