@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-
 from sim.cli_util import run_command
 from sim.errors import InputError
 from sim.fields import Fields, read_yaml

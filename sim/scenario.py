@@ -216,7 +216,8 @@ def _workload(w: Fields, base: Path) -> Workload:
                          prefix.num("fraction", 1.0, low=0, high=1))
         prefix.done()
     w.done()
-    return Workload(f"{w.file}: {w.where()}", arrivals, prompt, output, num_requests, duration_s, prompt_keys, shared_prefix)
+    return Workload(f"{w.file}: {w.where()}", arrivals, prompt, output, num_requests, duration_s, prompt_keys,
+                    shared_prefix)
 
 
 def _batching(b: Fields) -> Batching:
