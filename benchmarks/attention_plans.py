@@ -4,7 +4,7 @@ Times torch's scaled_dot_product_attention as a serving loop calls it in half pr
 through a padding mask: decode steps (one query a row over a key length that grows a token a
 call) and prefills (a prompt length new each call). Each set runs twice over the same lengths,
 first meeting them, then meeting them again, with torch's backends as they come and then with
-cuDNN taken out, as `profile` and `validate` run (profiler.measure.keep_attention_steady).
+cuDNN taken out, as `profile` and `validate` run (profiler.regime.keep_attention_steady).
 Printed per setting: the backend torch picks for the decode shape, and the median time of a
 call on a new shape and on a shape seen before. A backend that builds a plan per shape shows
 a first meeting far slower than the second.
@@ -22,7 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from profiler.measure import DTYPES, keep_attention_steady
+from profiler.measure import DTYPES
+from profiler.regime import keep_attention_steady
 from sim.cli_util import run_command
 from sim.errors import InputError
 

@@ -7,7 +7,8 @@ import argparse
 
 import torch
 
-from profiler.measure import GRIDS, Bench, ModeSpec, serving_regime
+from profiler.measure import GRIDS, Bench, ModeSpec
+from profiler.regime import serving_regime
 from profiler.models import build, lookup
 from sim.errors import InputError
 

@@ -81,7 +81,7 @@ def validate(args) -> int:
     import torch
 
     from profiler.live_engine import build_for_profile
-    from profiler.measure import freeze_heap, serving_regime
+    from profiler.regime import freeze_heap, serving_regime
 
     if args.requests < 1:
         raise InputError("--requests: must be at least 1")

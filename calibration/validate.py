@@ -253,7 +253,8 @@ class LoadRecord:
 def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: int, quiet: bool) -> Rig:
     """The model in the profile's serving regime, warmed up, and a bench for the scenario's grid."""
     from profiler.live_engine import LiveEngine, build_for_profile
-    from profiler.measure import Bench, ModeSpec, device_peaks, freeze_heap, serving_regime
+    from profiler.measure import Bench, ModeSpec, device_peaks
+    from profiler.regime import freeze_heap, serving_regime
     from sim import workload
 
     serving_regime(device, threads)  # the regime `profile` measured in

@@ -181,7 +181,8 @@ def main(argv=None) -> int:
             check_writable(args.out)
         import torch
 
-        from profiler.measure import DTYPES, GRIDS, ModeSpec, freeze_heap, serving_regime
+        from profiler.measure import DTYPES, GRIDS, ModeSpec
+        from profiler.regime import freeze_heap, serving_regime
 
         try:
             modes = [ModeSpec.parse(m.strip()) for m in (args.modes or "").split(",") if m.strip()]

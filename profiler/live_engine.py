@@ -232,7 +232,8 @@ def calibration_flood(engine: LiveEngine) -> LiveRun:
 
 def build_for_profile(profile, mode_name: str, device: torch.device, quiet: bool = False):
     """The profile's model, in the profile's mode, on `device` (`quiet`: as `build`)."""
-    from profiler.measure import DTYPES, compile_model
+    from profiler.measure import DTYPES
+    from profiler.regime import compile_model
     from profiler.models import build, lookup
 
     mode = profile.modes[mode_name]

@@ -111,13 +111,13 @@ def test_a_compiled_mode_fails_rather_than_timing_eager_passes_past_its_graph_li
     """Past its graph limit dynamo runs a function eagerly, so a -compiled profile would time eager
     passes and call them compiled: compile_model raises the limit and makes reaching it an error."""
     torch = pytest.importorskip("torch")
-    from profiler import measure
+    from profiler import regime
 
     for key in ("recompile_limit", "fail_on_recompile_limit_hit"):  # restored after the test
         monkeypatch.setattr(torch._dynamo.config, key, getattr(torch._dynamo.config, key))
-    monkeypatch.setattr(measure, "COMPILED_GRAPHS", 2)
+    monkeypatch.setattr(regime, "COMPILED_GRAPHS", 2)
     torch._dynamo.reset()
-    model = measure.compile_model(torch.nn.Linear(4, 4))
+    model = regime.compile_model(torch.nn.Linear(4, 4))
     model(torch.ones(1, 4))  # a graph for one row (dynamo specialises size 1)
     model(torch.ones(3, 4))  # a graph for any other row count
     with pytest.raises(Exception, match="recompile_limit"):
@@ -151,7 +151,7 @@ def test_the_serving_heap_is_frozen_out_of_full_garbage_collections():
     pytest.importorskip("torch")
     import gc
 
-    from profiler.measure import freeze_heap
+    from profiler.regime import freeze_heap
 
     heap = [{"row": [i]} for i in range(100_000)]  # 200,000 tracked objects, as a loaded library leaves
     gc.unfreeze()
@@ -175,7 +175,7 @@ def test_the_serving_regime_serves_big_blocks_from_the_heap_and_keeps_them_when_
         pytest.skip("the allocator tuned is glibc's, read here by mallinfo2 (glibc 2.33)")
     probe = """
 import ctypes, ctypes.util, torch
-from profiler.measure import serving_regime
+from profiler.regime import serving_regime
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -199,7 +199,7 @@ def test_the_serving_regime_on_a_gpu_runs_attention_without_cudnn():
     milliseconds each: a serving loop's cache grows a token a step and keeps paying it, and a
     grid pays it or not by what ran before. Profile and live engine both run without it."""
     torch = pytest.importorskip("torch")
-    from profiler.measure import serving_regime
+    from profiler.regime import serving_regime
 
     before, threads = torch.backends.cuda.cudnn_sdp_enabled(), torch.get_num_threads()
     try:
