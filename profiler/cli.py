@@ -25,7 +25,7 @@ from sim.files import check_writable
 
 EPILOG = """
 examples:
-  profile --device cpu --model gpt2-tiny --quick      a small grid, seconds (tests use this)
+  profile --device cpu --model gpt2-tiny --quick      a small grid, seconds → results/profiles/cpu-gpt2-tiny-quick.json
   profile --device cpu --model gpt2-tiny              the shipped CPU default profile
   profile --gpu 0 --model llama-3.1-8b --modes bf16,bf16-compiled
   profile --gpu 0 --model /path/to/checkpoint --out calibration/profiles/h100-mine.json
@@ -51,7 +51,9 @@ def parse_args(argv):
                                    f"{DEFAULT_MODES['cuda']} on CUDA)")
     add_threads_argument(p)
     p.add_argument("--quick", action="store_true", help="a small grid, for tests and smoke checks")
-    p.add_argument("--out", type=Path, help="profile file (default: calibration/profiles/<device>-<model>.json)")
+    p.add_argument("--out", type=Path, help="profile file (default: calibration/profiles/<device>-<model>.json; "
+                                            "with --quick, results/profiles/<device>-<model>-quick.json, so a "
+                                            "smoke check never replaces a shipped profile)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report beside the profile")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -200,7 +202,9 @@ def main(argv=None) -> int:
         # A checkpoint is named by its absolute path, which `validate` builds the live model from.
         model_name = args.model if not isinstance(model_spec, Path) else str(model_spec.resolve())
         name = f"{'cpu' if device.type == 'cpu' else slug(info['name'])}-{slug(Path(model_name).name)}"
-        out = args.out or profile_file.SHIPPED / f"{name}.json"
+        # A quick grid is a smoke check: it must not replace the shipped profile of the same name.
+        out = args.out or (Path("results/profiles") / f"{name}-quick.json" if args.quick
+                           else profile_file.SHIPPED / f"{name}.json")
         check_writable(out)  # the default path is known only now, from the device
         spec = GRIDS[device.type + ("-quick" if args.quick else "")]
 

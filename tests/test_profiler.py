@@ -14,15 +14,18 @@ from conftest import ROOT
 
 def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     pytest.importorskip("torch")
-    out = tmp_path / "cpu-tiny.json"
-    proc = subprocess.run([sys.executable, "-m", "profiler.cli", "--device", "cpu", "--model", "llama-tiny",
-                           "--quick", "--quiet", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    from calibration.profile import load
+    from calibration.profile import SHIPPED, load
     from profiler.measure import AFTER_PREFILL_DECODES, after_prefill_rows
 
+    shipped = (SHIPPED / "cpu-llama-tiny.json").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "profiler.cli", "--device", "cpu", "--model", "llama-tiny",
+                           "--quick", "--quiet"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    # A quick grid is a smoke check: by default it lands beside the results, never over the shipped profile.
+    assert (SHIPPED / "cpu-llama-tiny.json").read_bytes() == shipped
+    out = tmp_path / "results/profiles/cpu-llama-tiny-quick.json"
     profile = load(out)
+    assert profile.name == "cpu-llama-tiny-quick"
     assert set(profile.modes) == {"fp32-nocache", "fp32"}
     cached, baseline = profile.modes["fp32"], profile.modes["fp32-nocache"]
     assert cached.kv_bytes_per_token == 4 * 2 * 2 * 64 * 4  # layers x (K,V) x kv heads x head dim x fp32
@@ -76,7 +79,7 @@ def test_quick_cpu_profile_is_measured_and_loadable(tmp_path):
     raw = json.loads(out.read_text())
     assert raw["device"]["type"] == "cpu" and raw["device"]["copy_bytes_per_s"] > 0
     assert raw["device"]["threads"] == 1  # the thread count `validate` runs its live engine with
-    report = (tmp_path / "cpu-tiny.html").read_text()  # the Plotly report beside it
+    report = out.with_suffix(".html").read_text()  # the Plotly report beside it
     assert len(report) > 100_000
     # This grid's 2 x 2 lines are too few to leave one out: said in words, as `profile` prints it.
     assert "n/a (grid too small)" in report and "nan%" not in report
