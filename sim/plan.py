@@ -200,8 +200,8 @@ def _miss(point: dict) -> float:
 
 
 def _infeasible(result: dict, curve: list[dict]) -> dict:
-    closest = min(curve, key=_miss, default=None)
-    return result | {"feasible": False, "miss": math.inf if closest is None else _miss(closest), "closest": closest}
+    closest = min(curve, key=_miss)
+    return result | {"feasible": False, "miss": _miss(closest), "closest": closest}
 
 
 def shortfall(r: dict) -> str:
@@ -211,8 +211,6 @@ def shortfall(r: dict) -> str:
     from sim.results import fmt_seconds
 
     p = r["closest"]
-    if p is None:
-        return "serves none of the requests"
     if math.isinf(r["miss"]) and p["rejected"]:  # the percentile falls among the requests it turns away
         reasons = ", ".join(f"{k} {v:,}" for k, v in p["rejected"].items())
         return f"rejects {sum(p['rejected'].values()):,} of {p['requests']:,} requests ({reasons})"
@@ -243,7 +241,8 @@ def find_max_rate(config: Config) -> dict:
     replicas, curve = config.scenario.deployment.replicas, []
     result = {"config": config.name, "saturation_rps": saturation, "curve": curve,
               "usd_per_gpu_hour": config.usd_per_gpu_hour, "replicas": replicas}
-    if not saturation:  # it rejects every request (e.g. prompts over max_batched_tokens)
+    if not saturation:  # it rejects every request (e.g. prompts over max_batched_tokens): say why
+        curve.append(_measure(config, 1.0))
         return _infeasible(result | {"max_rps": 0.0}, curve)
     probe = _measure(config, 0.05 * saturation / base)  # a light load
     curve.append(probe)

@@ -79,13 +79,13 @@ def test_unmeetable_slo_says_by_how_much(tmp_path, write_profile):
 
 def test_a_configuration_that_rejects_every_request_says_so(tmp_path, write_profile):
     # Prompts of 64 tokens over a token budget of 8: the flood serves nothing, so there is no
-    # saturation to bisect below.
+    # saturation to bisect below, and one run at the base rate says why.
     path = write_plan(tmp_path, write_profile(), {
         "slo": {"e2e": {"max_s": 1.0}},
         "search": {"deployment.batching": [{"policy": "continuous", "max_batched_tokens": 8}]}})
     proc, result = run_plan(path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "serves none of the requests" in proc.stderr
+    assert "rejects 400 of 400 requests (prompt_exceeds_max_batched_tokens 400)" in proc.stderr
     assert result["results"][0]["saturation_rps"] == 0
 
 
