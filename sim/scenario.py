@@ -228,8 +228,10 @@ def _batching(b: Fields) -> Batching:
                         chunked_prefill=b.bool("chunked_prefill", False),
                         prefix_caching=b.bool("prefix_caching", False),
                         kv_layout=b.str("kv_layout", "paged", choices=("paged", "padded")))
-        if spec.kv_layout == "padded" and spec.chunked_prefill:
-            b.fail("chunked prefill needs a paged KV cache (kv_layout: paged)", "chunked_prefill")
+        # Both work on a paged cache's blocks; a padded cache (HF generate, TGI v1) has neither.
+        for key in ("chunked_prefill", "prefix_caching"):
+            if spec.kv_layout == "padded" and getattr(spec, key):
+                b.fail(f"{key.replace('_', ' ')} needs a paged KV cache (kv_layout: paged)", key)
     else:
         spec = Batching(policy, max_batch_size=b.num("max_batch_size", 8, integer=True, low=1),
                         max_wait_s=b.num("max_wait_ms", 50.0, low=0) / 1000 if policy == "dynamic" else 0.0)
