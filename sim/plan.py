@@ -190,9 +190,14 @@ def _base_trace(config: Config):
 
 
 def _worst(point: dict) -> tuple[str, float]:
-    """The SLO metric furthest above its bound, and how far (negative: within it; inf: no value)."""
-    return max(((metric, t["value_s"] / t["max_s"] - 1 if t["value_s"] is not None else math.inf)
-                for metric, t in point["slo"].items()), key=lambda item: item[1])
+    """The SLO metric furthest above its bound, and how far (negative: within it, -1 where no
+    request has the metric; inf: its percentile falls among rejected requests)."""
+    def miss(t: dict) -> float:
+        if t["value_s"] is not None:
+            return t["value_s"] / t["max_s"] - 1
+        return -1.0 if t["met"] else math.inf
+
+    return max(((metric, miss(t)) for metric, t in point["slo"].items()), key=lambda item: item[1])
 
 
 def _miss(point: dict) -> float:

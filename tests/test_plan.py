@@ -156,3 +156,18 @@ def test_unreachable_scheduler_is_one_clear_line(tmp_path, write_profile):
     path = write_plan(tmp_path, write_profile(), {"slo": {"e2e": {"max_s": 1.0}}})
     proc, _ = run_plan(path, "--scheduler", "tcp://127.0.0.1:9")
     assert proc.returncode == 2 and "cannot reach the Dask scheduler" in proc.stderr
+
+
+def test_a_tpot_slo_with_no_request_to_measure_is_met(write_profile, write_scenario):
+    # One output token each: no request has a time per output token, so none misses that bound,
+    # and the planner does not take the empty percentile for a miss.
+    from helpers import run_scenario
+    from sim.plan import _worst
+
+    s = base_scenario(write_profile())
+    s["workload"]["output_tokens"] = {"kind": "fixed", "value": 1}
+    s["slo"] = {"tpot": {"max_s": 0.001}, "e2e": {"max_s": 100.0}}
+    _, frame, summary = run_scenario(write_scenario(s))
+    assert frame["tpot_s"].isna().all()
+    assert summary["slo"]["tpot"] == {"percentile": 95, "max_s": 0.001, "value_s": None, "met": True}
+    assert summary["slo_met"] and _worst(summary)[0] == "e2e"
