@@ -14,6 +14,9 @@ def run_command(main: Callable[[], int | None]) -> int:
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except MemoryError as e:  # numpy's too: a workload (or grid) this machine cannot hold
+        print(f"error: out of memory ({e}); ask for fewer requests or a shorter duration", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
