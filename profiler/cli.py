@@ -25,7 +25,7 @@ from sim.files import check_writable
 
 EPILOG = """
 examples:
-  profile --device cpu --model gpt2-tiny --quick      a small grid, seconds → results/profiles/cpu-gpt2-tiny-quick.json
+  profile --device cpu --model gpt2-tiny --quick      a small grid in seconds, to results/profiles/ (tests use it)
   profile --device cpu --model gpt2-tiny              the shipped CPU default profile
   profile --gpu 0 --model llama-3.1-8b --modes bf16,bf16-compiled
   profile --gpu 0 --model /path/to/checkpoint --out calibration/profiles/h100-mine.json
