@@ -81,10 +81,13 @@ def read_trace(path: str | Path) -> Trace:
         return values
 
     if TRACE_LAYOUTS[columns] == "timestamp":
-        stamps = pd.to_datetime(frame[time_col].str.strip(), errors="coerce")
+        # ISO 8601, as Azure writes it ("2023-11-16 18:15:46.6805900", "...+00:00"): guessing a
+        # format warns, and dateutil reads "10" as a date. utc=True: offsets may differ by row.
+        stamps = pd.to_datetime(frame[time_col].str.strip(), errors="coerce", format="ISO8601", utc=True)
         if stamps.isna().any():
             i = int(np.argmax(stamps.isna().to_numpy()))
-            raise InputError(f"{path}: line {i + 2}: column {time_col}: not a timestamp: {frame[time_col].iloc[i]!r}")
+            raise InputError(f"{path}: line {i + 2}: column {time_col}: "
+                             f"not an ISO 8601 timestamp: {frame[time_col].iloc[i]!r}")
         arrived = (stamps - stamps.min()).dt.total_seconds().to_numpy(float)
     else:
         arrived = numbers(time_col, 0)

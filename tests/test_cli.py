@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
+
 import pytest
 import yaml
 
@@ -147,6 +149,23 @@ def test_azure_layout_trace_is_read(tmp_path):
     trace = read_trace(path)
     assert trace.arrived_at.tolist() == pytest.approx([0.0, 4.314579])
     assert trace.prompt_tokens.tolist() == [374, 396]
+
+
+def test_azure_timestamps_with_offsets_are_read_and_others_refused(tmp_path):
+    """Rows may carry different UTC offsets (pandas raised "Mixed timezones detected"); a time
+    that is not ISO 8601 is refused by line, not guessed by dateutil with a warning."""
+    from sim.errors import InputError
+    from sim.workload import read_trace
+
+    path = tmp_path / "azure.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    "2024-05-10 00:00:00+00:00,5,5\n2024-05-10 02:00:01+02:00,5,5\n")
+    assert read_trace(path).arrived_at.tolist() == [0.0, 1.0]
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n10,5,5\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match="line 2: column TIMESTAMP: not an ISO 8601 timestamp: '10'"):
+            read_trace(path)
 
 
 def test_a_results_folder_replaces_only_a_results_folder(tmp_path):
