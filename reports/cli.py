@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from sim.cli_util import run_command
+from sim.errors import InputError
 
 EPILOG = """examples:
   report results/bursty                 a simulation's report, from requests.csv, timeseries.csv, ...
@@ -25,13 +26,18 @@ def rebuild(folder: Path) -> Path:
     from reports.validation_report import write_validation_report
 
     out = folder / "report.html"
-    if (folder / "plan.json").exists():
-        write_capacity_report(read_json(folder, "plan.json"), out)
-    elif (folder / "validation.json").exists():
-        write_validation_report(read_json(folder, "validation.json"), read_csv(folder, "requests.csv"),
-                                read_csv(folder, "steps.csv"), out)
-    else:
-        write_run_report(folder)
+    try:
+        if (folder / "plan.json").exists():
+            write_capacity_report(read_json(folder, "plan.json"), out)
+        elif (folder / "validation.json").exists():
+            write_validation_report(read_json(folder, "validation.json"), read_csv(folder, "requests.csv"),
+                                    read_csv(folder, "steps.csv"), out)
+        else:
+            write_run_report(folder)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        # The files parse but do not hold what this version's report draws: edited, or older.
+        raise InputError(f"{folder}: results lack what the report needs ({type(e).__name__}: {e}); "
+                         "were they written by another servesim version? Run the command again") from None
     return out
 
 

@@ -22,8 +22,17 @@ def read_json(folder: Path, name: str) -> dict:
 
 
 def read_csv(folder: Path, name: str) -> pd.DataFrame:
-    # Only empty cells are missing: a rejection reason or a label is never read as NaN.
-    return _read_saved(folder, name, lambda path: pd.read_csv(path, keep_default_na=False, na_values=[""]))
+    def parse(path: Path) -> pd.DataFrame:
+        # Every row servesim writes ends in a newline; pandas would fill a cut-off last row with NaN.
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            f.seek(max(size - 1, 0))
+            if size and f.read(1) != b"\n":
+                raise pd.errors.ParserError("the last row is cut off")
+        # Only empty cells are missing: a rejection reason or a label is never read as NaN.
+        return pd.read_csv(path, keep_default_na=False, na_values=[""])
+
+    return _read_saved(folder, name, parse)
 
 
 def _read_saved(folder: Path, name: str, parse):

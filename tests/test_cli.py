@@ -209,10 +209,18 @@ def test_report_names_the_results_file_that_is_missing_or_corrupt(tmp_path):
     out = tmp_path / "run"
     proc = run("sim.cli", "scenarios/steady.yaml", "--out", str(out), "--quiet", "--no-report")
     assert proc.returncode == 0, proc.stderr
-    good = {name: (out / name).read_bytes() for name in ("summary.json", "timeseries.csv")}
-    for name, text, message in (("summary.json", "{bad", "corrupt"), ("timeseries.csv", "", "corrupt")):
-        (out / name).write_text(text)
+    good = {name: (out / name).read_bytes() for name in ("summary.json", "timeseries.csv", "requests.csv")}
+    cut = good["requests.csv"][:300]  # mid-row: pandas would fill the row's missing cells with NaN
+    for name, data, message in (("summary.json", b"{bad", "corrupt"), ("timeseries.csv", b"", "corrupt"),
+                                ("requests.csv", cut, "corrupt: the last row is cut off")):
+        (out / name).write_bytes(data)
         assert_one_line_error(run("reports.cli", str(out)), str(out / name), message)
+        (out / name).write_bytes(good[name])
+    # Files that parse but lack what the report draws (edited, or another version's) were a KeyError.
+    for name, data in (("summary.json", b"[]"), ("requests.csv", good["requests.csv"].replace(b"ttft_s", b"x"))):
+        (out / name).write_bytes(data)
+        assert_one_line_error(run("reports.cli", str(out)), "results lack what the report needs",
+                              "another servesim version")
         (out / name).write_bytes(good[name])
     (out / "requests.csv").unlink()
     assert_one_line_error(run("reports.cli", str(out)), "requests.csv is missing")
