@@ -407,6 +407,12 @@ def parse_loads(text: str | None) -> list[float | None]:
         raise InputError(f"--loads: expected numbers like 0.3,0.6,0.9, got {text!r}") from None
     if not all(0 < x <= 2 for x in loads):
         raise InputError("--loads: each load must be a fraction of saturation in (0, 2]")
+    # A load's rows, report lines and profile-<load>.json are labelled by its whole percent.
+    labels = [f"{x:.0%}" for x in loads]
+    twice = next((label for label in labels if labels.count(label) > 1), None)
+    if twice:
+        raise InputError(f"--loads: {twice} is given twice (loads are told apart by whole percent; "
+                         "--runs repeats a load)")
     return loads
 
 

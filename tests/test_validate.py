@@ -118,6 +118,16 @@ def test_validate_refuses_what_the_live_engine_cannot_run(tmp_path, args, messag
     assert not (tmp_path / "o").exists()
 
 
+def test_loads_that_share_a_label_are_refused():
+    """Two loads of one whole percent would share their rows, report lines and profile-30.json."""
+    from calibration.validate import parse_loads
+    from sim.errors import InputError
+
+    assert parse_loads("0.3,0.6") == [0.3, 0.6]
+    with pytest.raises(InputError, match="30% is given twice"):
+        parse_loads("0.3,0.301")
+
+
 @pytest.fixture(scope="module")
 def engine():
     """A live engine on gpt2-tiny; every run_live starts it from an empty batch."""
