@@ -53,6 +53,7 @@ class Fields:
             self.fail(f"expected a mapping, got {type(data).__name__}")
         self.data = data
         self.read: set[str] = set()
+        self.strings: dict[str, str] = {}  # string values as read (a YAML 1.1 `off` as "off")
 
     def where(self, key: str | None = None) -> str:
         parts = [p for p in (self.path, key) if p]
@@ -86,6 +87,7 @@ class Fields:
             self.fail(f"expected a string, got {value!r}", key)
         if choices and value not in choices:
             self.fail(f"{value!r} is not one of: {', '.join(choices)}", key)
+        self.strings[key] = value
         return value
 
     def bool(self, key: str, default: Any = REQUIRED) -> bool:
@@ -133,4 +135,7 @@ class Fields:
         unknown = sorted(set(self.data) - self.read)
         if unknown:
             allowed = ", ".join(sorted(self.read))
-            self.fail(f"unknown key {unknown[0]!r} (allowed here: {allowed})")
+            # Which keys a section takes can hang on its policy or kind: name it, since changing it
+            # alone (`--set autoscaler.policy=off`) leaves the old one's keys behind.
+            selector = next((f" with {k} {self.strings[k]!r}" for k in ("policy", "kind") if k in self.strings), "")
+            self.fail(f"unknown key {unknown[0]!r}{selector} (allowed here: {allowed})")

@@ -50,6 +50,9 @@ def test_simulate_json_summary(tmp_path):
 BAD_SCENARIOS = [
     (lambda s: s["deployment"].update(replicaz=2), "deployment: unknown key 'replicaz'"),
     (lambda s: s["deployment"].update(replicas="two"), "deployment.replicas: expected a number"),
+    # the keys a section takes hang on its policy: a policy changed alone leaves the old one's behind
+    (lambda s: s.update(autoscaler={"policy": False, "interval_s": 5}),  # YAML 1.1 reads `off` as false
+     "autoscaler: unknown key 'interval_s' with policy 'off' (allowed here: policy)"),
     (lambda s: s["deployment"].update(replicas=0), "deployment.replicas: must be >= 1"),
     (lambda s: s["deployment"]["batching"].update(policy="magic"), "deployment.batching.policy: 'magic' is not one of"),
     (lambda s: s["workload"]["arrivals"].update(rate=-1), "workload.arrivals.rate: must be > 0"),
