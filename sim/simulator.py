@@ -369,11 +369,15 @@ class Simulation:
                 window = self.ttft_window
                 while window and window[0][0] < env.now - spec.window_s:
                     window.popleft()
-                if not window:
-                    continue
-                p = float(np.percentile([t for _, t in window], spec.percentile))
-                desired = n + 1 if p > spec.target_ttft_s else n - 1 if p < spec.target_ttft_s * spec.scale_down_ratio else n
-                reason = f"p{spec.percentile:g} TTFT {p:.3f}s, target {spec.target_ttft_s:g}s"
+                if window:
+                    p = float(np.percentile([t for _, t in window], spec.percentile))
+                    desired = (n + 1 if p > spec.target_ttft_s else
+                               n - 1 if p < spec.target_ttft_s * spec.scale_down_ratio else n)
+                    reason = f"p{spec.percentile:g} TTFT {p:.3f}s, target {spec.target_ttft_s:g}s"
+                elif any(w.outstanding for r in active for w in r.workers):
+                    continue  # no TTFT yet to judge by: the requests in hand have not reached a first token
+                else:  # idle: with no TTFT to judge by, holding would keep idle replicas through a lull
+                    desired, reason = n - 1, f"idle: no request in the last {spec.window_s:g}s"
             desired = min(max(desired, spec.min_replicas), spec.max_replicas)
             if desired == n or env.now - last_action < spec.cooldown_s:
                 continue

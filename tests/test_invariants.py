@@ -200,3 +200,23 @@ def test_the_autoscaler_adds_replicas_under_load_and_routes_none_before_they_hav
     # The router picks a replica as a request arrives, among those that have loaded.
     served = frame[frame["replica"] >= 0]
     assert (served["arrived_at"] >= served["replica"].map(lambda r: ready_at[r])).all()
+
+
+@pytest.mark.parametrize("policy", [{"policy": "queue-depth", "target_queue_per_replica": 8},
+                                    {"policy": "latency", "target_ttft_s": 0.5, "window_s": 5}])
+def test_the_autoscaler_gives_back_idle_replicas_in_a_lull(write_profile, write_scenario, policy):
+    """A burst, then a minute with no traffic: both policies are back at min_replicas before the
+    lull ends. The latency policy has no TTFT to judge an idle minute by, and held its replicas."""
+    profile = write_profile(prefill=lambda b, p: 0.02 + 1e-4 * b * p, decode=lambda b, c: 0.01, model_load_s=2.0)
+    s = base_scenario(profile)
+    s["workload"] |= {"num_requests": None, "duration_s": 90.0,
+                      "arrivals": {"kind": "step", "rates": [40.0, 0.0, 1.0], "durations_s": [20.0, 60.0, 10.0]}}
+    s["autoscaler"] = policy | {"min_replicas": 1, "max_replicas": 4, "interval_s": 1, "cooldown_s": 2}
+    run, frame, summary = run_scenario(write_scenario(s))
+    check_invariants(run, frame, summary, s)
+    assert max(a[3] for a in run.actions) > 1
+    replicas = 1
+    for time_s, _, _, after, _ in run.actions:
+        if time_s < 80:
+            replicas = after
+    assert replicas == 1
