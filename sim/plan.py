@@ -341,9 +341,9 @@ def table(plan: Plan, results: list[dict], rec: dict | None, front: list[str]) -
              ""]
     if plan.target_rps is None:
         lines.append(f"{'configuration':<{width}}{'saturation':>11}{'max req/s':>10}{'$/1M tok':>10}{'req/$':>10}"
-                     f"{'p95 E2E':>10}")
+                     f"{'p95 E2E s':>12}")
     else:
-        lines.append(f"{'configuration':<{width}}{'replicas':>10}{'$/hour':>10}{'$/1M tok':>10}{'p95 E2E':>10}")
+        lines.append(f"{'configuration':<{width}}{'replicas':>10}{'$/hour':>10}{'$/1M tok':>10}{'p95 E2E s':>12}")
     for r in results:
         p = operating_point(r)
         name = ("* " if r["config"] in front else "  ") + r["config"]
@@ -353,10 +353,10 @@ def table(plan: Plan, results: list[dict], rec: dict | None, front: list[str]) -
         elif plan.target_rps is None:
             per_dollar = f"{r['requests_per_dollar']:,.0f}" if r["requests_per_dollar"] != math.inf else "-"
             lines.append(f"{name:<{width}}{saturation}{r['max_rps']:>10.2f}"
-                         f"{p['usd_per_million_output_tokens'] or 0:>10.3f}{per_dollar:>10}{p['e2e_p95_s']:>10.2f}")
+                         f"{p['usd_per_million_output_tokens'] or 0:>10.3f}{per_dollar:>10}{p['e2e_p95_s']:>12.2f}")
         else:
             lines.append(f"{name:<{width}}{r['replicas']:>10}{r['usd_per_hour']:>10.2f}"
-                         f"{p['usd_per_million_output_tokens'] or 0:>10.3f}{p['e2e_p95_s']:>10.2f}")
+                         f"{p['usd_per_million_output_tokens'] or 0:>10.3f}{p['e2e_p95_s']:>12.2f}")
     lines.append("\n* on the Pareto front of cost per 1M output tokens vs p95 E2E latency"
                  + ("; saturation: served req/s when every request queues at once" if plan.target_rps is None else ""))
     if rec:
