@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from scipy.optimize import nnls
 
+from calibration.nnls import nnls
 from calibration.profile import Grid, Mode, Profile
 
 
@@ -64,7 +64,7 @@ class Surface:
         a = features(bb[measured], xx[measured], quadratic) / t[:, None]  # rows scaled: relative error
         scale = a.max(axis=0)
         scale[scale == 0] = 1.0
-        coef, _ = nnls(a / scale, np.ones(len(t)))
+        coef = nnls(a / scale, np.ones(len(t)))
         coef = coef / scale
         if not (coef > 0).any():
             coef = np.array([float(np.median(t)), 0.0, 0.0, 0.0])
@@ -202,7 +202,7 @@ class EngineOverhead:
         y = np.concatenate([f.overhead_s for f, _ in floods])
         scale = a.max(axis=0)
         scale[scale == 0] = 1.0
-        coef, _ = nnls(a / scale, y)
+        coef = nnls(a / scale, y)
         return cls(*(float(c) for c in coef / scale))
 
     def __str__(self) -> str:

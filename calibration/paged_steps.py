@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import astuple, dataclass
 
 import numpy as np
-from scipy.optimize import nnls
+
+from calibration.nnls import nnls
 
 
 def step_shape(step) -> tuple[int, int, int]:
@@ -43,7 +44,7 @@ class PagedStepModel:
     def fit(cls, q: np.ndarray, kv: np.ndarray, rows: np.ndarray, seconds: np.ndarray) -> PagedStepModel:
         a = np.stack([np.ones_like(q), q, kv, q * kv, rows], axis=1) / seconds[:, None]
         scale = a.max(axis=0)
-        coef, _ = nnls(a / scale, np.ones(len(seconds)))
+        coef = nnls(a / scale, np.ones(len(seconds)))
         return cls(*(float(c) for c in coef / scale))
 
     def scaled(self, factor: float) -> PagedStepModel:

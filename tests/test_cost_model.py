@@ -201,3 +201,26 @@ def test_a_malformed_after_prefill_section_is_named(rows, tokens, excess, messag
 
     with pytest.raises(InputError, match=r"synthetic: modes\.fp16\." + message):
         parse(synthetic_profile(after_prefill=(rows, tokens, excess)), "synthetic")
+
+
+def test_nnls_meets_the_optimality_conditions_and_prefers_fewer_features():
+    """The KKT conditions are the oracle: at the optimum the residual's gradient is zero on every
+    feature given weight and non-negative on every feature held at zero."""
+    from calibration.nnls import nnls
+
+    rng = np.random.default_rng(1)
+    clamped = 0
+    for _ in range(300):
+        n = int(rng.integers(2, 6))
+        a = rng.random((int(rng.integers(n, 40)), n))
+        y = a @ rng.normal(size=n) + 0.1 * rng.normal(size=len(a))
+        x = nnls(a, y)
+        gradient = a.T @ (a @ x - y)
+        tol = 1e-9 * np.abs(a).sum() * np.abs(y).sum()
+        assert (x >= 0).all()
+        assert np.all(np.abs(gradient[x > 0]) <= tol) and np.all(gradient[x == 0] >= -tol)
+        clamped += (x == 0).any()
+    assert clamped > 50  # the constraint was active in many of them
+    # Two identical features fit as well singly as together: the first alone takes the weight.
+    a = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    assert nnls(a, a[:, 0] * 2).tolist() == pytest.approx([2.0, 0.0])
