@@ -22,7 +22,7 @@ import pandas as pd
 
 from calibration.compare import MEANINGS, compare, percentiles, table
 from profiler.cli import add_threads_argument, device_info, pick_device, profile_record
-from sim.cli_util import run_command
+from sim.cli_util import count, parser, run_command
 from sim.errors import InputError
 
 if TYPE_CHECKING:  # for the reader: at run time torch loads only after the input is checked
@@ -196,15 +196,14 @@ def scenario_grid(scenario, trace):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="validate", description=__doc__.split(":", 1)[1].strip(), epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("validate", __doc__, EPILOG)
     p.add_argument("scenario", type=Path, help="scenario YAML file (see scenarios/validation/)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpu", type=int, metavar="N", help="run live on this CUDA device")
     where.add_argument("--device", choices=("cpu",), default="cpu", help="run live on the CPU (default)")
     p.add_argument("--loads", help="comma-separated fractions of saturation, e.g. 0.3,0.6,0.9")
-    p.add_argument("--runs", type=int, default=2, help="live runs per load (default 2: shows the noise)")
-    p.add_argument("--requests", type=int, help="override workload.num_requests")
+    p.add_argument("--runs", type=count, default=2, help="live runs per load (default 2: shows the noise)")
+    p.add_argument("--requests", type=count, help="override workload.num_requests")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a scenario value, e.g. --set deployment.replicas=4 "
                         "--set 'deployment.batching={policy: dynamic, max_batch_size: 16}'")
@@ -424,11 +423,7 @@ def main(argv=None) -> int:
         from sim import scenario as scenario_mod
         from sim.files import check_replaceable
 
-        if args.runs < 1:
-            raise InputError("--runs: must be at least 1")
         loads = parse_loads(args.loads)
-        if args.requests is not None and args.requests < 1:
-            raise InputError("--requests: must be at least 1")
         scenario = scenario_mod.load(args.scenario, args.set)
         if args.requests is not None:
             scenario = replace(scenario, workload=replace(scenario.workload, num_requests=args.requests))

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from sim.cli_util import run_command
+from sim.cli_util import count, parser, run_command
 from sim.errors import InputError
 from sim.files import check_writable
 
@@ -40,9 +40,7 @@ DEFAULT_MODES = {"cpu": "fp32-nocache,fp32", "cuda": "fp32-nocache,fp32,fp16,bf1
 def parse_args(argv):
     from profiler.models import describe
 
-    p = argparse.ArgumentParser(prog="profile", description=__doc__.split(":", 1)[1].strip(),
-                                epilog=EPILOG + "\nknown models:\n" + describe(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("profile", __doc__, EPILOG + "\nknown models:\n" + describe())
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpu", type=int, metavar="N", help="CUDA device index to profile")
     where.add_argument("--device", choices=("cpu",), help="profile on the CPU instead")
@@ -62,11 +60,6 @@ def parse_args(argv):
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     """`--threads`, shared by `profile` and `validate`: a profile prices the engine at the thread
     count it was measured with, so both commands default to the same one."""
-    def count(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"expected a whole number of threads, at least 1, got {text!r}")
-        return int(text)
-
     p.add_argument("--threads", type=count, default=1,
                    help="CPU threads for torch (default 1: on a small machine, a second thread stalls every "
                         "pass whenever another process takes its core)")

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from sim.cli_util import run_command
+from sim.cli_util import parser, run_command
 from sim.errors import InputError
 
 EPILOG = """examples:
@@ -42,8 +41,7 @@ def rebuild(folder: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="report", description=__doc__.split(":", 1)[1].strip(), epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("report", __doc__, EPILOG)
     p.add_argument("folder", type=Path, help="a folder written by `simulate`, `plan` or `validate` (e.g. results/bursty)")
     args = p.parse_args(argv)
 

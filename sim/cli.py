@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from sim.cli_util import run_command
+from sim.cli_util import parser, run_command
 
 EPILOG = """
 examples:
@@ -24,9 +24,7 @@ The same scenario and seed always give byte-identical files.
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="simulate", description=__doc__.split(":", 1)[1].strip(), epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("simulate", __doc__, EPILOG)
     p.add_argument("scenario", help="scenario YAML file (see scenarios/)")
     p.add_argument("--out", type=Path, help="results folder (default: results/<scenario name>)")
     p.add_argument("--seed", type=int, help="override the scenario's seed")

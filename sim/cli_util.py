@@ -1,7 +1,8 @@
-"""What every servesim command shares: one clear line on bad input, no traceback."""
+"""What every servesim command shares: its parser, and one clear line on bad input, no traceback."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -20,3 +21,22 @@ def run_command(main: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def count(text: str) -> int:
+    """An argparse type for a count of things: a whole number, at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number, at least 1, got {text!r}")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, as for every other bad input: the usage is a --help away.
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def parser(prog: str, doc: str, epilog: str) -> argparse.ArgumentParser:
+    """A command's argument parser, described by its module's docstring (`prog ...: what it does`)."""
+    return _Parser(prog=prog, description=doc.split(":", 1)[1].strip(), epilog=epilog,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,7 +10,6 @@ cluster (`--scheduler tcp://host:8786`).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import json
@@ -22,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from sim.cli_util import run_command
+from sim.cli_util import count, parser, run_command
 from sim.errors import InputError
 from sim.fields import Fields, read_yaml
 
@@ -365,10 +364,9 @@ def table(plan: Plan, results: list[dict], rec: dict | None, front: list[str]) -
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="plan", description=__doc__.split(":", 1)[1].strip(), epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("plan", __doc__, EPILOG)
     p.add_argument("plan", type=Path, help="plan YAML file")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="local processes (default: all cores)")
+    p.add_argument("--workers", type=count, default=os.cpu_count() or 1, help="local processes (default: all cores)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="a Dask scheduler address: run the configurations there")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a plan value, e.g. --set target_rps=11, --set 'search.deployment.replicas=[1, 2]', "
@@ -387,8 +385,6 @@ def main(argv=None) -> int:
         from reports.capacity_report import write_capacity_report
         from sim.files import atomic_folder, check_replaceable
 
-        if args.workers < 1:
-            raise InputError("--workers: must be at least 1")
         plan = load_plan(args.plan, args.set)
         out = args.out or Path("results") / f"plan-{plan.name}"
         check_replaceable(out)

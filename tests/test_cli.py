@@ -199,9 +199,14 @@ def test_a_results_folder_replaces_only_a_results_folder(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (("sim.cli", "scenarios/bursty.yaml", "--seed", "-1"), "seed: must be >= 0"),
-    (("calibration.validate", "scenarios/validation/steady.yaml", "--requests", "0"), "--requests: must be at least 1"),
-    (("calibration.validate", "scenarios/validation/steady.yaml", "--requests", "-3"), "--requests: must be at least 1"),
-    (("sim.plan", "scenarios/experiments/capacity.yaml", "--workers", "0"), "--workers: must be at least 1"),
+    (("calibration.validate", "scenarios/validation/steady.yaml", "--requests", "0"),
+     "argument --requests: expected a whole number, at least 1, got '0'"),
+    (("calibration.validate", "scenarios/validation/steady.yaml", "--runs", "-3"), "argument --runs: expected"),
+    (("sim.plan", "scenarios/experiments/capacity.yaml", "--workers", "0"), "argument --workers: expected"),
+    (("profiler.cli", "--threads", "two"), "argument --threads: expected"),
+    # argparse's own errors too: one line, not the usage and then the error
+    (("sim.cli", "scenarios/bursty.yaml", "--replicas", "2"), "unrecognized arguments: --replicas 2 (see simulate --help)"),
+    (("sim.cli",), "the following arguments are required: scenario"),
 ])
 def test_bad_command_line_values_fail_with_one_clear_line(tmp_path, args, message):
     assert_one_line_error(run(*args, "--out", str(tmp_path / "out")), message)
