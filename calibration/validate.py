@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from calibration.compare import MEANINGS, compare, percentiles, table
-from profiler.cli import add_threads_argument, device_info, pick_device, profile_record
+from profiler.cli import add_threads_argument, device_info, pick_device, profile_record, within_window
 from sim.cli_util import count, parser, run_command
 from sim.errors import InputError
 
@@ -266,7 +266,7 @@ def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: 
     freeze_heap()
     base = workload.generate(scenario.workload, scenario.seed)
     mode = ModeSpec.parse(scenario.deployment.mode)
-    bench = Bench(model, device, mode, replace(scenario_grid(scenario, base), passes=runs + 1))
+    bench = Bench(model, device, mode, within_window(replace(scenario_grid(scenario, base), passes=runs + 1), model))
     say(quiet, f"timing the first pass after idle and the first decodes after a prefill (up to "
                f"{max(bench.spec.decode_batch)} rows) ...")
     penalties = {"wake": bench.wake_penalty(), "after_prefill": bench.after_prefill()}

@@ -17,6 +17,7 @@ import platform
 import re
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from sim.cli_util import count, parser, run_command
@@ -113,9 +114,20 @@ def device_info(device) -> dict:
     return info
 
 
-def clip(values, limit) -> tuple[int, ...]:
-    kept = tuple(v for v in values if v <= limit)
-    return kept or (min(values[0], limit),)
+def within_window(spec, model):
+    """The grid cut to the model's context window (GPT-2's position table ends there), with a
+    point at the window's end where the cut fell between two, so that the longest prompts a
+    deployment serves are measured rather than extrapolated to."""
+    from profiler.models import max_positions
+
+    def clip(values, limit) -> tuple[int, ...]:
+        kept = tuple(v for v in values if v < limit)
+        return kept + (limit,) if len(kept) < len(values) else kept
+
+    # A decode call grows its cache by its warm-up passes and its timed one; 8 positions spare.
+    limit = max_positions(model) - spec.warmup - 1 - 8
+    return replace(spec, prefill_length=clip(spec.prefill_length, limit - 1),
+                   decode_context=clip(spec.decode_context, limit))
 
 
 def measure_profile(model, model_name: str, model_load_s: float, device, info: dict, modes, spec, name: str,
@@ -124,12 +136,8 @@ def measure_profile(model, model_name: str, model_load_s: float, device, info: d
     from tqdm import tqdm
 
     from profiler.measure import grid_points, measure_modes
-    from profiler.models import max_positions
 
-    # A decode call grows its cache by its warm-up passes and its timed one; 8 positions spare.
-    limit = max_positions(model) - spec.warmup - 1 - 8
-    spec = type(spec)(**{**spec.__dict__, "prefill_length": clip(spec.prefill_length, limit - 1),
-                         "decode_context": clip(spec.decode_context, limit)})
+    spec = within_window(spec, model)
     bar = tqdm(total=grid_points(spec, modes), unit="pt", disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
     measured = measure_modes(model, device, modes, spec, bar)
     bar.close()

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from calibration.profile import Flood
-from profiler.regime import compile_model
+from profiler.regime import allocations_fail_past_memory, compile_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LENGTH_SPREAD = 16  # a prefill point of length L times L-8 .. L+7 in turn (Bench.prefill)
@@ -111,7 +111,10 @@ class ModeSpec:
 
 
 def is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+    # A CPU allocation past the address space (regime.fail_allocations_past_memory) says "can't
+    # allocate memory".
+    message = str(error).lower()
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in message or "allocate memory" in message
 
 
 class Bench:
@@ -124,8 +127,9 @@ class Bench:
         self.forward = compile_model(model) if mode.compiled else model
         with torch.inference_mode():  # learn the cache layout from a one-token pass
             cache = model(input_ids=self._ids(1, 1), use_cache=True).cache
+            warm = self._ids(1, min(128, max(spec.prefill_length)))  # within the grid, and so the window
             for _ in range(3):  # first passes pay one-time costs (allocator, kernel selection)
-                self.forward(input_ids=self._ids(1, 128), use_cache=mode.kv_cache, logits_to_keep=1)
+                self.forward(input_ids=warm, use_cache=mode.kv_cache, logits_to_keep=1)
         self.cache_shapes = [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers]
         self.prefill_calls: dict[tuple[int, int], int] = {}  # per prefill point, across sweeps
 
@@ -283,7 +287,8 @@ class Bench:
         excess = []
         for r in rows:
             try:
-                excess.append(self._after_prefill_excess(r, context, tokens))
+                with allocations_fail_past_memory(self.device):
+                    excess.append(self._after_prefill_excess(r, context, tokens))
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
                 if not is_oom(e) or not excess:  # not even one row fits: nothing to price with
                     raise
@@ -330,30 +335,40 @@ class Bench:
     def concurrency(self, workers: int, context: int = 256, steps: int = 20) -> float:
         """Mean decode-step seconds per worker when `workers` threads share the device, each
         decoding its own batch-1 request (seed 000's oversubscription experiment)."""
+        from profiler.models import max_positions
+
+        context = min(context, max_positions(self.model) - steps - 2)  # the warm-up and timed steps fit
         results: list[float] = []
+        errors: list[BaseException] = []
         barrier = threading.Barrier(workers)
 
         def worker() -> None:
-            stream = torch.cuda.Stream(self.device) if self.cuda else None
-            with torch.inference_mode(), (torch.cuda.stream(stream) if stream else nullcontext()):
-                cache = self.synthetic_cache(1, context)
-                ids = self._ids(1, 1)
-                self.forward(input_ids=ids, cache=cache, use_cache=True)
-                if stream:  # the warm-up pass must not run on into the timed ones
-                    stream.synchronize()
-                barrier.wait()
-                start = time.perf_counter()
-                for _ in range(steps):
+            try:
+                stream = torch.cuda.Stream(self.device) if self.cuda else None
+                with torch.inference_mode(), (torch.cuda.stream(stream) if stream else nullcontext()):
+                    cache = self.synthetic_cache(1, context)
+                    ids = self._ids(1, 1)
                     self.forward(input_ids=ids, cache=cache, use_cache=True)
-                if stream:
-                    stream.synchronize()
-                results.append((time.perf_counter() - start) / steps)
+                    if stream:  # the warm-up pass must not run on into the timed ones
+                        stream.synchronize()
+                    barrier.wait()
+                    start = time.perf_counter()
+                    for _ in range(steps):
+                        self.forward(input_ids=ids, cache=cache, use_cache=True)
+                    if stream:
+                        stream.synchronize()
+                    results.append((time.perf_counter() - start) / steps)
+            except BaseException as e:  # a thread's error would otherwise be printed and lost
+                errors.append(e)
+                barrier.abort()  # the others must not wait for it
 
         threads = [threading.Thread(target=worker) for _ in range(workers)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        if errors:
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
         return statistics.mean(results)
 
 
@@ -512,7 +527,8 @@ class GridSamples:
         ends its column (the larger batches would too)."""
         kind, i, j = key
         try:
-            seconds, peak = fn(b, x, 0 if key in self.samples else self.bench.spec.warmup)
+            with allocations_fail_past_memory(self.bench.device):
+                seconds, peak = fn(b, x, 0 if key in self.samples else self.bench.spec.warmup)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
             if not is_oom(e):
                 raise

@@ -8,6 +8,8 @@ asked of the simulator, so `profile`, `validate` and the live engines set them a
 from __future__ import annotations
 
 import gc
+import resource
+from contextlib import contextmanager
 
 import torch
 
@@ -41,6 +43,35 @@ def reuse_cpu_memory() -> None:
         libc.mallopt(M_TRIM_THRESHOLD, -1)
     except (OSError, AttributeError, TypeError):
         pass  # not glibc: nothing to tune
+
+
+@contextmanager
+def allocations_fail_past_memory(device: torch.device):
+    """On a CPU, cap the address space for the duration at what the process holds plus the memory
+    available, so that a pass too big for the machine fails with torch's "can't allocate memory"
+    (its grid point is then left out, as a GPU's out-of-memory is: measure.is_oom) instead of the
+    kernel killing the process. Linux overcommits: a 256-row prefill of 4,096 tokens asked for
+    68 GB of attention scores on a 23 GB host, and the kernel killed `validate` mid-sweep with
+    no word of why. Only for the duration: a browser or a compiler started later reserves far
+    more address space than it uses."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration):  # not Linux: nothing to cap by
+        available = None
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    soft, hard = before
+    cap = None if device.type != "cpu" or available is None else size + available
+    if cap is not None and hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    if cap is not None and (soft == resource.RLIM_INFINITY or cap < soft):
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, before)
 
 
 def freeze_heap() -> None:

@@ -267,7 +267,7 @@ def test_a_sweep_spreads_each_points_passes_through_it():
     a sweep visits the grid `repeats` times and times each point once a visit. Only a point's
     first visit ever warms it up, and a point whose passes used up max_point_s in a sweep is not
     revisited in it. Validate's progress bar for a sweep is as long as the sweep moves it."""
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     from types import SimpleNamespace
 
     from profiler.measure import GridSamples, GridSpec, sweep_updates
@@ -280,7 +280,8 @@ def test_a_sweep_spreads_each_points_passes_through_it():
         return (2.0 if (b, length) == (2, 64) else 0.01), None
 
     mode = SimpleNamespace(kv_cache=False, name="fp32-nocache")
-    samples = GridSamples(SimpleNamespace(spec=spec, cuda=False, mode=mode, prefill=prefill), spec)
+    bench = SimpleNamespace(spec=spec, cuda=False, device=torch.device("cpu"), mode=mode, prefill=prefill)
+    samples = GridSamples(bench, spec)
     points = [(1, 16), (2, 16), (1, 64), (2, 64)]  # a column's batches, column by column
     fast = points[:3]
     samples.sweep()
@@ -325,7 +326,7 @@ def test_after_prefill_keeps_the_row_counts_that_fit_in_device_memory():
     rows x 1,024 tokens (64 GB) beside its weights (32 GB) does not fit in an 80 GB card. The rows
     measured before the one that ran out of memory are kept, not the profile's whole run lost; any
     other error, or a device that fits not even one row, still stops it."""
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     from types import SimpleNamespace
 
     from profiler.measure import GRIDS, Bench
@@ -335,7 +336,8 @@ def test_after_prefill_keeps_the_row_counts_that_fit_in_device_memory():
             if rows > fits:
                 raise RuntimeError(error)
             return [[rows / 100]]
-        return SimpleNamespace(spec=GRIDS["cuda"], cuda=False, _after_prefill_excess=excess)
+        return SimpleNamespace(spec=GRIDS["cuda"], cuda=False, device=torch.device("cpu"),
+                               _after_prefill_excess=excess)
 
     after = Bench.after_prefill(bench(fits=16))
     assert after["rows"] == [1, 4, 16] and after["excess"] == [[[0.01]], [[0.04]], [[0.16]]]
@@ -370,3 +372,43 @@ def test_prefill_points_over_the_token_cap_are_left_null_and_priced_from_their_c
                 np.array([[np.nan if v is None else v for v in row] for row in prefill["median_s"]]))
     surface = Surface(grid, quadratic=True)
     assert surface.at(4, 128) > surface.at(2, 128) > 0
+
+
+def test_a_short_context_window_cuts_the_grid_with_a_point_at_its_end_and_bounds_every_pass():
+    """GPT-2's 1,024 positions: the grid keeps its knots below the window and adds one at its end
+    (the longest prompts are measured, not extrapolated to); the oversubscription decodes fit in
+    it too (they decoded from 256 tokens, an IndexError in a thread past 276 positions)."""
+    torch = pytest.importorskip("torch")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from profiler.cli import within_window
+    from profiler.measure import DTYPES, GRIDS, Bench, ModeSpec
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=1024))
+    spec = within_window(GRIDS["cuda"], gpt2)
+    assert spec.prefill_length == (128, 256, 512, 1012) and spec.decode_context == (128, 512, 1013)
+    assert within_window(GRIDS["cpu-quick"], gpt2) == GRIDS["cpu-quick"]  # nothing to cut
+    short = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=40))
+    short.to(DTYPES["fp32"]).eval()
+    bench = Bench(short, torch.device("cpu"), ModeSpec.parse("fp32"), within_window(GRIDS["cpu-quick"], short))
+    assert bench.concurrency(2) > 0
+
+
+def test_a_cpu_pass_too_big_for_memory_fails_rather_than_being_killed():
+    """Linux overcommits, so without a cap a pass past the machine's memory is killed by the
+    kernel mid-sweep; under the cap torch says it cannot allocate, which the grid takes as out of
+    memory (the point left null). The cap holds only while a pass runs."""
+    import resource
+
+    torch = pytest.importorskip("torch")
+    from profiler.measure import is_oom
+    from profiler.regime import allocations_fail_past_memory
+
+    before = resource.getrlimit(resource.RLIMIT_AS)
+    with allocations_fail_past_memory(torch.device("cpu")):
+        cap, _ = resource.getrlimit(resource.RLIMIT_AS)
+        assert cap != resource.RLIM_INFINITY
+        with pytest.raises(RuntimeError) as error:
+            torch.empty(cap, dtype=torch.uint8)  # the whole cap, beside what the process holds
+    assert is_oom(error.value)
+    assert resource.getrlimit(resource.RLIMIT_AS) == before
