@@ -424,9 +424,9 @@ def main(argv=None) -> int:
         from sim.files import check_replaceable
 
         loads = parse_loads(args.loads)
-        scenario = scenario_mod.load(args.scenario, args.set)
-        if args.requests is not None:
-            scenario = replace(scenario, workload=replace(scenario.workload, num_requests=args.requests))
+        # --requests is `--set workload.num_requests=N`, so the scenario's own checks judge it
+        requests = [] if args.requests is None else [f"workload.num_requests={args.requests}"]
+        scenario = scenario_mod.load(args.scenario, args.set + requests)
         out = args.out or Path("results") / f"validate-{scenario.name}"
         check_replaceable(out)  # before minutes of live runs, not after the first load
         profile = load_profile(scenario.deployment.profile)

@@ -190,6 +190,9 @@ def _workload(w: Fields, base: Path) -> Workload:
         for key in ("prompt_tokens", "output_tokens"):
             if w.has(key):
                 w.fail("not used with trace arrivals: lengths come from the trace", key)
+        if num_requests is not None and num_requests > len(arrivals.trace):
+            w.fail(f"the trace holds {len(arrivals.trace):,} requests: ask for at most that many, or leave "
+                   "it out to replay them all", "num_requests")
         prompt = output = None
     else:
         if num_requests is None and duration_s is None:

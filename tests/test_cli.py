@@ -65,6 +65,9 @@ BAD_SCENARIOS = [
                                     "target_queue_per_replica": 4}), "autoscaler.max_replicas: must be >= 3"),
     (lambda s: s["deployment"].update(workers_per_gpu=100, gpu_memory_utilization=0.1), "do not fit"),
     (lambda s: s["workload"].update(num_requests=None, duration_s=0.001), "workload: generates no request"),
+    (lambda s: s.update(workload={"num_requests": 20000, "arrivals": {  # it replayed the 19,366 silently
+        "kind": "trace", "trace": str(ROOT / "scenarios/traces/azure-conv-2023.csv")}}),
+     "workload.num_requests: the trace holds 19,366 requests"),
     (lambda s: s["deployment"].update(batching={"policy": "continuous", "kv_layout": "padded", "prefix_caching": True}),
      "deployment.batching.prefix_caching: prefix caching needs a paged KV cache"),
 ]
