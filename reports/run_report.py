@@ -66,8 +66,9 @@ def _summary_section(s: dict) -> str:
         ["cost", f"${s['cost_usd']:.2f}" + (f" · ${cost_m:.3f} per 1M output tokens" if cost_m else "")],
         ["batching", f"mean batch {s['mean_batch_size']:.2f} over {s['forward_passes']:,} passes"],
         ["KV cache", "no KV cache" if kv is None else f"mean {kv:.1%}, max {s['kv_cache_utilization_max']:.1%}"],
-        ["preemptions · cache hits · autoscaler",
-         f"{s['preemptions']:,} · {s['cache_hit_rate']:.1%} · {s['autoscaler_actions']} actions"],
+        ["preemptions · autoscaler", f"{s['preemptions']:,} · {s['autoscaler_actions']} actions"],
+        ["cache hits", f"{s['cache_hit_rate']:.1%} of requests (response cache) · "
+                       f"{s['prefix_cache_hit_rate'] or 0:.1%} of prompt tokens (prefix cache)"],
     ]
     verdict = ("<span class='pass'>SLO MET</span>" if s["slo_met"] else "<span class='fail'>SLO MISSED</span>") \
         if s["slo"] else "no SLO given"

@@ -32,6 +32,7 @@ class Request:
     first_token_at: float = NAN
     finished_at: float = NAN
     preemptions: int = 0
+    prefix_cached_tokens: int = 0  # of its (last) prefill, found in the prefix cache and not computed
     worker: int = -1
     cache_hit: bool = False
     rejected: str = ""  # why it was refused, if it was

@@ -40,6 +40,7 @@ def requests_frame(t: Trace, o: Outcome) -> pd.DataFrame:
         "worker": o.worker,
         "cache_hit": o.cache_hit,
         "preemptions": o.preemptions,
+        "prefix_cached_tokens": o.prefix_cached_tokens,
         "rejected": np.array(REJECT_REASONS, dtype=object)[o.rejected],
     })
 
@@ -55,6 +56,13 @@ def _stats(values: pd.Series) -> dict[str, float | None]:
     out = {f"p{p}": float(x) for p, x in zip(PERCENTILES, np.percentile(v, PERCENTILES))}
     out["mean"] = float(v.mean())
     return out
+
+
+def prefix_hit_rate(prefilled: pd.DataFrame) -> float | None:
+    """vLLM's prefix cache hit rate: the prompt tokens the prefills found in the cache, over the
+    prompt tokens they asked for (None when no request reached a prefill)."""
+    asked = int(prefilled["prompt_tokens"].sum())
+    return int(prefilled["prefix_cached_tokens"].sum()) / asked if asked else None
 
 
 def meets_slo(frame: pd.DataFrame, scenario: Scenario) -> pd.Series:
@@ -121,6 +129,7 @@ def summarise(run: Run, scenario: Scenario, frame: pd.DataFrame) -> dict[str, An
         "kv_cache_tokens_per_worker": None if math.isinf(run.kv_capacity) else int(run.kv_capacity),
         "preemptions": int(frame["preemptions"].sum()),
         "cache_hit_rate": float(frame["cache_hit"].mean()),
+        "prefix_cache_hit_rate": prefix_hit_rate(served[~served["cache_hit"]]),
         "gpu_hours": gpu_hours,
         "cost_usd": cost,
         "usd_per_million_output_tokens": cost / output_tokens * 1e6 if output_tokens else None,
@@ -169,7 +178,8 @@ def table(summary: dict[str, Any]) -> str:
         ("KV cache", "no KV cache in this mode" if kv is None or s["kv_cache_tokens_per_worker"] is None else
          f"mean {kv:.1%}, max {s['kv_cache_utilization_max']:.1%} of {s['kv_cache_tokens_per_worker']:,} tokens/worker"),
         ("preemptions", f"{s['preemptions']:,}"),
-        ("cache hits", f"{s['cache_hit_rate']:.1%}"),
+        ("cache hits", f"{s['cache_hit_rate']:.1%} of requests (response cache), "
+                       f"{s['prefix_cache_hit_rate'] or 0:.1%} of prompt tokens (prefix cache)"),
         ("cost", f"${s['cost_usd']:.2f}" + (f", ${cost_m:.3f} per 1M output tokens" if cost_m is not None else "")),
         ("autoscaler", f"{s['autoscaler_actions']} actions"),
     ]

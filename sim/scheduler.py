@@ -268,7 +268,7 @@ class ContinuousScheduler:
             else:
                 break
             self.waiting.popleft()
-            r.prefilled = need - todo
+            r.prefilled = r.prefix_cached_tokens = need - todo
             if math.isnan(r.scheduled_at):
                 r.scheduled_at = now
             self.running[r.id] = r

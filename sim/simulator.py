@@ -67,6 +67,7 @@ class Outcome:
     replica: np.ndarray
     worker: np.ndarray
     preemptions: np.ndarray
+    prefix_cached_tokens: np.ndarray
     cache_hit: np.ndarray
     rejected: np.ndarray  # index into REJECT_REASONS
 
@@ -74,7 +75,7 @@ class Outcome:
     def empty(cls, n: int) -> Outcome:
         nan = lambda: np.full(n, np.nan)  # noqa: E731
         minus = lambda: np.full(n, -1, dtype=np.int32)  # noqa: E731
-        return cls(nan(), nan(), nan(), minus(), minus(), np.zeros(n, np.int32),
+        return cls(nan(), nan(), nan(), minus(), minus(), np.zeros(n, np.int32), np.zeros(n, np.int32),
                    np.zeros(n, bool), np.zeros(n, np.int8))
 
     def record(self, req: Request, replica: int) -> None:
@@ -83,6 +84,7 @@ class Outcome:
         self.scheduled_at[i], self.first_token_at[i], self.finished_at[i] = (
             req.scheduled_at, req.first_token_at, req.finished_at)
         self.preemptions[i], self.cache_hit[i] = req.preemptions, req.cache_hit
+        self.prefix_cached_tokens[i] = req.prefix_cached_tokens
         self.rejected[i] = REJECT_REASONS.index(req.rejected)
         self.worker[i], self.replica[i] = req.worker, replica
 

@@ -220,3 +220,18 @@ def test_the_autoscaler_gives_back_idle_replicas_in_a_lull(write_profile, write_
         if time_s < 80:
             replicas = after
     assert replicas == 1
+
+
+def test_the_prefix_cache_hit_rate_counts_the_prompt_tokens_found_cached(write_profile, write_scenario):
+    """One shared prefix of 60 tokens on 100-token prompts, arrivals far apart: the first prefill
+    computes it, each later one finds it, so the rate is 60 (n - 1) / (100 n), as vLLM counts it."""
+    n = 40
+    s = base_scenario(write_profile(prefill=lambda b, p: 0.01, decode=lambda b, c: 0.01),
+                      batching={"policy": "continuous", "prefix_caching": True})
+    s["workload"] |= {"num_requests": n, "arrivals": {"kind": "poisson", "rate": 0.5},
+                      "prompt_tokens": {"kind": "fixed", "value": 100}, "output_tokens": {"kind": "fixed", "value": 2},
+                      "shared_prefix": {"groups": 1, "tokens": 60}}
+    run, frame, summary = run_scenario(write_scenario(s))
+    check_invariants(run, frame, summary, s)
+    assert frame["prefix_cached_tokens"].tolist() == [0] + [60] * (n - 1)
+    assert summary["prefix_cache_hit_rate"] == pytest.approx(60 * (n - 1) / (100 * n))

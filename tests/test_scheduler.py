@@ -87,6 +87,7 @@ def test_prefix_caching_skips_a_computed_prefix_but_always_computes_the_last_tok
     assert [(r.id, tokens) for r, tokens in step.prefill] == [(1, 100), (2, 300)]
     whole = Request(3, 0.0, 201, 1, prefix_id=7, prefix_tokens=200)  # all but its last token cached
     assert drive(s, [whole])[0].prefill[0][1] == 1
+    assert [r.prefix_cached_tokens for r in (first, same, other, whole)] == [0, 200, 0, 200]
     plain = ContinuousScheduler(max_num_seqs=4, max_batched_tokens=1000, kv_capacity=10_000)
     drive(plain, [Request(0, 0.0, 300, 1, prefix_id=7, prefix_tokens=200)])
     assert drive(plain, [Request(1, 0.0, 300, 1, prefix_id=7, prefix_tokens=200)])[0].prefill[0][1] == 300
