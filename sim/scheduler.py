@@ -320,8 +320,9 @@ class ContinuousScheduler:
             while self.finish_heap and self.running.get(self.finish_heap[0][1]) is None:
                 heapq.heappop(self.finish_heap)  # drop entries of preempted requests
             until_finish = self.finish_heap[0][0] - self.step_no
-            until_full = int((self.kv_capacity - self.kv_used) // decode_seqs)
-            step.max_repeat = 1 if step.reshuffle_tokens else max(1, min(until_finish, until_full))
+            # With no KV cache (capacity inf) nothing fills up; inf // n is nan, not inf.
+            until_full = (self.kv_capacity - self.kv_used) // decode_seqs if self.kv_capacity < math.inf else math.inf
+            step.max_repeat = 1 if step.reshuffle_tokens else max(1, int(min(until_finish, until_full)))
             # A new arrival could join the next step only if nobody is queued ahead of it.
             step.interruptible = not self.waiting and len(self.running) < self.max_num_seqs
         return step

@@ -235,3 +235,18 @@ def test_the_prefix_cache_hit_rate_counts_the_prompt_tokens_found_cached(write_p
     check_invariants(run, frame, summary, s)
     assert frame["prefix_cached_tokens"].tolist() == [0] + [60] * (n - 1)
     assert summary["prefix_cache_hit_rate"] == pytest.approx(60 * (n - 1) / (100 * n))
+
+
+def test_continuous_batching_without_a_kv_cache_runs_and_jumps_exactly(write_profile, write_scenario):
+    """A mode with no KV cache (fp32-nocache) holds nothing between steps, so its capacity is
+    unbounded: the runs of decode steps between events were cut at `inf // rows`, which is nan,
+    and every such simulation stopped on "cannot convert float NaN to integer"."""
+    s = base_scenario(write_profile(kv_bytes_per_token=0), batching={"policy": "continuous", "max_num_seqs": 8})
+    s["workload"]["num_requests"] = 200
+    path = write_scenario(s)
+    run, frame, summary = run_scenario(path)
+    check_invariants(run, frame, summary, s)
+    assert summary["served"] == 200 and summary["kv_cache_tokens_per_worker"] is None
+    _, stepwise, _ = run_scenario(path, jump=False)
+    cols = ["scheduled_at", "first_token_at", "finished_at", "preemptions", "worker", "rejected"]
+    pd.testing.assert_frame_equal(frame[cols], stepwise[cols], check_exact=False, rtol=1e-9, atol=1e-9)
