@@ -34,10 +34,18 @@ def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
     """KV-cache tokens one worker can hold: what device memory leaves after every worker's weights."""
     dep = scenario.deployment
     mode = profile.mode(dep.mode, f"{scenario.path}: deployment.mode")
+    if mode.kv_bytes_per_token == 0:  # no KV cache: nothing is kept between steps
+        # A prompt's later chunks attend to its earlier ones' KV, and a prefix hit reuses another's.
+        needs_cache = {"kv_cache_tokens": dep.kv_cache_tokens is not None,
+                       "batching.chunked_prefill": dep.batching.chunked_prefill,
+                       "batching.prefix_caching": dep.batching.prefix_caching}
+        for key, asked in needs_cache.items():
+            if asked:
+                raise InputError(f"{scenario.path}: deployment.{key}: mode {dep.mode!r} keeps no KV cache "
+                                 "(pick a mode with one)")
+        return math.inf
     if dep.kv_cache_tokens is not None:
         return dep.kv_cache_tokens
-    if mode.kv_bytes_per_token == 0:  # no KV cache: nothing is kept between steps
-        return math.inf
     usable = profile.memory_bytes * dep.gpu_memory_utilization
     free = usable - dep.workers_per_gpu * mode.weights_bytes
     if free <= 0:

@@ -70,6 +70,10 @@ BAD_SCENARIOS = [
      "workload.num_requests: the trace holds 19,366 requests"),
     (lambda s: s["deployment"].update(batching={"policy": "continuous", "kv_layout": "padded", "prefix_caching": True}),
      "deployment.batching.prefix_caching: prefix caching needs a paged KV cache"),
+    # A mode with no KV cache priced a prefix cache's hits and chunks attending to earlier chunks.
+    (lambda s: s["deployment"].update(profile="cpu-gpt2-tiny", mode="fp32-nocache",
+                                      batching={"policy": "continuous", "chunked_prefill": True}),
+     "deployment.batching.chunked_prefill: mode 'fp32-nocache' keeps no KV cache"),
 ]
 
 
