@@ -52,7 +52,7 @@ AFTER_PREFILL = ((1, 16), (64, 1024), (((0.3, 0.1, 0.05), (0.8, 0.4, 0.1)),  # a
     padded=st.booleans(),
     replicas=st.integers(1, 3),
     rate=st.floats(0.5, 200.0),
-    kv_tokens=st.integers(600, 20_000),
+    kv_tokens=st.one_of(st.none(), st.integers(600, 20_000)),  # None: a mode with no KV cache
     max_seqs=st.integers(1, 32),
     budget=st.integers(64, 4096),
     router=st.sampled_from(["round-robin", "least-outstanding", "random"]),
@@ -62,8 +62,10 @@ def test_random_scenarios_keep_invariants_and_jumps_change_nothing(
         write_profile, write_scenario, policy, chunked, padded, replicas, rate, kv_tokens, max_seqs, budget, router, seed):
     profile = write_profile(prefill=lambda b, p: 0.003 + 2e-6 * b * p,
                             decode=lambda b, c: 0.002 + 1e-4 * b + 1e-8 * b * c, flood=ENGINE_FLOOD,
-                            wake=((0.005, 0.05), (0.001, 0.002)), after_prefill=AFTER_PREFILL)
+                            wake=((0.005, 0.05), (0.001, 0.002)), after_prefill=AFTER_PREFILL,
+                            kv_bytes_per_token=0 if kv_tokens is None else 1000)
     batching = {"policy": policy}
+    chunked = chunked and kv_tokens is not None  # chunks attend to the KV of the chunks before
     if policy == "continuous":
         batching |= {"max_num_seqs": max_seqs, "max_batched_tokens": budget, "chunked_prefill": chunked,
                      "kv_layout": "padded" if padded and not chunked else "paged"}
