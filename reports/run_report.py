@@ -75,7 +75,7 @@ def _summary_section(s: dict) -> str:
     return (f"<h2>Summary — {verdict}</h2><div class='grid'><div>"
             + table(["SLO", "percentile", "simulated", "target", ""], slo_rows)
             + table(["latency", "p50", "p90", "p95", "p99", "mean"], lat_rows)
-            + "</div><div>" + table(["", ""], facts) + "</div></div>")
+            + "</div><div>" + table(["figure", "value"], facts) + "</div></div>")
 
 
 def _cdfs(req: pd.DataFrame, s: dict) -> go.Figure:
