@@ -49,6 +49,8 @@ class Fields:
 
     def __init__(self, data: Any, file: str, path: str = ""):
         self.file, self.path = file, path
+        if data is None:
+            self.fail("is empty: expected a mapping of keys")
         if not isinstance(data, dict):
             self.fail(f"expected a mapping, got {type(data).__name__}")
         self.data = data

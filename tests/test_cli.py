@@ -97,6 +97,9 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     latin = tmp_path / "latin1.yaml"
     latin.write_bytes("name: café\n".encode("latin-1"))
     assert_one_line_error(run("sim.cli", str(latin)), "latin1.yaml", "cannot read scenario", "utf-8")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert_one_line_error(run("sim.cli", str(empty)), "empty.yaml: (top level): is empty")
 
 
 def test_a_plan_and_a_scenario_each_name_the_command_that_runs_them(tmp_path):
