@@ -112,7 +112,11 @@ class Surface:
 
     def at(self, b: int, x: float) -> float:
         """Seconds for batch b at x."""
-        row, knots = self.row(b), self.knots
+        return self.on_row(self.row(b), b, x)
+
+    def on_row(self, row: list[float], b: int, x: float) -> float:
+        """`at(b, x)` with b's row in hand: a loop over x fetches it once."""
+        knots = self.knots
         if x >= knots[-1]:
             return row[-1] * self._reg(b, x) / self._reg(b, knots[-1])
         if x <= knots[0]:
@@ -267,18 +271,27 @@ class CostModel:
         tokens: each step's price times the fraction the profile measured for its place,
         interpolated over the prefill's tokens (none after none) and the decode's rows, held at
         the largest measured prefill's and the nearest measured row count's figure beyond them."""
+        sums = self.after_prefill_sums(tokens, since, seqs, context_sum, repeat)
+        return sums[-1] if sums else 0.0
+
+    def after_prefill_sums(self, tokens: float, since: int, seqs: int, context_sum: float, repeat: int) -> list[float]:
+        """after_prefill_time of the first 1, 2, ... of the `repeat` steps, up to the last that pays
+        an excess (empty: none does), so that a run cut short finds its excess without pricing
+        its steps again."""
         steps = self.after_prefill_steps
         if not tokens or since >= steps:
-            return 0.0
+            return []
         knots, table = self._after_tokens, self.after_table(seqs)
         i = min(bisect_right(knots, tokens), len(knots) - 1)
         w = min((tokens - knots[i - 1]) / (knots[i] - knots[i - 1]), 1.0)
-        total = 0.0
+        decode, row, context = self.decode, self.decode.row(seqs), context_sum / seqs
+        total, sums = 0.0, []
         for j in range(min(repeat, steps - since)):
             k = since + j
             excess = table[i - 1][k] + (table[i][k] - table[i - 1][k]) * w
-            total += excess * self.decode.at(seqs, context_sum / seqs + j)
-        return total
+            total += excess * decode.on_row(row, seqs, context + j)
+            sums.append(total)
+        return sums
 
     def after_table(self, seqs: int) -> list[list[float]]:
         """The after-prefill excess of decodes of `seqs` rows, by prefill tokens (0 first) and

@@ -181,15 +181,16 @@ class Worker:
                 yield env.timeout(elapsed)
             else:
                 repeat, begin = step.max_repeat, env.now
-                run_s = run_time(cost, excess, seqs, context, repeat)
+                excess_sums = cost.after_prefill_sums(*excess, seqs, context, repeat) if excess else []
+                run_s = run_time(cost, excess_sums, seqs, context, repeat)
                 elapsed = wake + run_s * slowdown
                 self.wakeable = step.interruptible
                 try:
                     yield env.timeout(elapsed)
                 except simpy.Interrupt:
                     # Something arrived mid-run: finish the step in progress, then reschedule.
-                    repeat, run_s = cut_run(lambda n: run_time(cost, excess, seqs, context, n), repeat, run_s,
-                                            max(env.now - begin - wake, 0.0) / slowdown)
+                    repeat, run_s = cut_run(lambda n: run_time(cost, excess_sums, seqs, context, n), repeat,
+                                            run_s, max(env.now - begin - wake, 0.0) / slowdown)
                     elapsed = wake + run_s * slowdown
                     yield env.timeout(max(begin + elapsed - env.now, 0.0))
                 self.wakeable = False
@@ -211,10 +212,11 @@ class Worker:
                         sim.ttft_window.append((env.now, env.now - r.arrived_at))
 
 
-def run_time(cost, excess: tuple[float, int] | None, seqs: int, context: float, n: int) -> float:
-    """Seconds of n repeats of a decode step, and the after-prefill excess if it pays one."""
+def run_time(cost, excess_sums: list[float], seqs: int, context: float, n: int) -> float:
+    """Seconds of n repeats of a decode step, and the after-prefill excess of those that pay one
+    (excess_sums: CostModel.after_prefill_sums)."""
     t = cost.decode_run(seqs, context, n)
-    return t + cost.after_prefill_time(*excess, seqs, context, n) if excess else t
+    return t + excess_sums[min(n, len(excess_sums)) - 1] if excess_sums else t
 
 
 @dataclass
