@@ -334,7 +334,7 @@ def run_plan(plan: Plan, executor: Executor, done: Callable[[], None] = lambda: 
 
 
 def table(plan: Plan, results: list[dict], rec: dict | None, front: list[str]) -> str:
-    width = max(len(r["config"]) for r in results) + 2
+    width = max(len("configuration"), *(len(r["config"]) for r in results)) + 2
     lines = [f"plan: {plan.name} ({len(plan.configs)} configurations, "
              + ("finding each one's maximum rate)" if plan.target_rps is None else f"target {plan.target_rps:g} req/s)"),
              ""]

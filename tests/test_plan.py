@@ -41,6 +41,8 @@ def test_target_mode_finds_the_fewest_replicas(tmp_path, write_profile):
     (r,) = result["results"]
     assert r["replicas"] == 2
     assert {p["replicas"]: p["slo_met"] for p in r["curve"]}[1] is False
+    header, row = proc.stdout.splitlines()[2:4]  # a name shorter than "configuration" pushed the header right
+    assert header.startswith("configuration") and row.startswith("* base") and len(header) == len(row)
 
 
 def test_max_rate_scales_with_replicas_and_stays_below_saturation(tmp_path, write_profile):
