@@ -92,6 +92,13 @@ class Fields:
         self.strings[key] = value
         return value
 
+    def name(self, key: str, default: Any = REQUIRED) -> str:
+        """A string that names a results folder (results/<name>): one path component."""
+        value = self.str(key, default)
+        if not value or value in (".", "..") or "/" in value or "\\" in value:
+            self.fail(f"{value!r} is not a plain name: it names a results folder, so no '/' or '..'", key)
+        return value
+
     def bool(self, key: str, default: Any = REQUIRED) -> bool:
         value = self.raw(key, default)
         if not isinstance(value, bool):

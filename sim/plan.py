@@ -111,7 +111,7 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
     hardware = top.raw("hardware", None)
     if hardware is not None and (not isinstance(hardware, list) or not hardware):
         top.fail("must be a non-empty list of {profile, mode, usd_per_gpu_hour}", "hardware")
-    name = top.str("name", path.stem)
+    name = top.name("name", path.stem)
     top.done()
     if num_requests is not None:
         scenario_mod.apply_overrides(base, [f"workload.num_requests={num_requests}"], file)

@@ -359,7 +359,7 @@ def parse(data: Any, file: str, base: Path) -> Scenario:
         interval = output.num("sample_interval_s", None, positive=True)
         output.done()
     scenario = Scenario(
-        name=top.str("name", Path(file).stem),
+        name=top.name("name", Path(file).stem),
         path=file,
         seed=top.num("seed", 0, integer=True, low=0),
         workload=workload,

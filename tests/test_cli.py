@@ -49,6 +49,7 @@ def test_simulate_json_summary(tmp_path):
 
 BAD_SCENARIOS = [
     (lambda s: s["deployment"].update(replicaz=2), "deployment: unknown key 'replicaz'"),
+    (lambda s: s.update(name="../elsewhere"), "name: '../elsewhere' is not a plain name"),  # was results/../elsewhere
     (lambda s: s["deployment"].update(replicas="two"), "deployment.replicas: expected a number"),
     # the keys a section takes hang on its policy: a policy changed alone leaves the old one's behind
     (lambda s: s.update(autoscaler={"policy": False, "interval_s": 5}),  # YAML 1.1 reads `off` as false
