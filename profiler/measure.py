@@ -111,7 +111,7 @@ class ModeSpec:
 
 
 def is_oom(error: BaseException) -> bool:
-    # A CPU allocation past the address space (regime.fail_allocations_past_memory) says "can't
+    # A CPU allocation past the address space (regime.allocations_fail_past_memory) says "can't
     # allocate memory".
     message = str(error).lower()
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in message or "allocate memory" in message
