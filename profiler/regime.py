@@ -54,16 +54,9 @@ def allocations_fail_past_memory(device: torch.device):
     68 GB of attention scores on a 23 GB host, and the kernel killed `validate` mid-sweep with
     no word of why. Only for the duration: a browser or a compiler started later reserves far
     more address space than it uses."""
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        with open("/proc/self/status") as f:
-            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    except (OSError, StopIteration):  # not Linux: nothing to cap by
-        available = None
     before = resource.getrlimit(resource.RLIMIT_AS)
     soft, hard = before
-    cap = None if device.type != "cpu" or available is None else size + available
+    cap = _address_space_cap() if device.type == "cpu" else None  # a GPU's own allocator raises its OOM
     if cap is not None and hard != resource.RLIM_INFINITY:
         cap = min(cap, hard)
     if cap is not None and (soft == resource.RLIM_INFINITY or cap < soft):
@@ -72,6 +65,17 @@ def allocations_fail_past_memory(device: torch.device):
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, before)
+
+
+def _address_space_cap() -> int | None:
+    """Bytes of address space this process holds plus the memory available (None off Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        with open("/proc/self/status") as f:
+            return available + next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        return None
 
 
 def freeze_heap() -> None:
