@@ -12,7 +12,7 @@ from plotly.subplots import make_subplots
 
 from reports.html import figure, page, table
 from sim.errors import InputError
-from sim.results import fmt_seconds, fmt_slo_value
+from sim.results import fmt_cache_hits, fmt_seconds, fmt_slo_value
 
 METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))
 
@@ -67,8 +67,7 @@ def _summary_section(s: dict) -> str:
         ["batching", f"mean batch {s['mean_batch_size']:.2f} over {s['forward_passes']:,} passes"],
         ["KV cache", "no KV cache" if kv is None else f"mean {kv:.1%}, max {s['kv_cache_utilization_max']:.1%}"],
         ["preemptions · autoscaler", f"{s['preemptions']:,} · {s['autoscaler_actions']} actions"],
-        ["cache hits", f"{s['cache_hit_rate']:.1%} of requests (response cache) · "
-                       f"{s['prefix_cache_hit_rate'] or 0:.1%} of prompt tokens (prefix cache)"],
+        ["cache hits", fmt_cache_hits(s)],
     ]
     verdict = ("<span class='pass'>SLO MET</span>" if s["slo_met"] else "<span class='fail'>SLO MISSED</span>") \
         if s["slo"] else "no SLO given"

@@ -144,6 +144,12 @@ def fmt_seconds(v: float | None) -> str:
     return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
 
 
+def fmt_cache_hits(summary: dict[str, Any]) -> str:
+    """Both caches' hit rates, each counted as its own kind of cache is."""
+    return (f"{summary['cache_hit_rate']:.1%} of requests (response cache), "
+            f"{summary['prefix_cache_hit_rate'] or 0:.1%} of prompt tokens (prefix cache)")
+
+
 def fmt_slo_value(target: dict[str, Any], summary: dict[str, Any]) -> str:
     """An SLO metric's value at its percentile, or why it has none."""
     if target["value_s"] is None and summary["served"] < summary["requests"]:
@@ -178,8 +184,7 @@ def table(summary: dict[str, Any]) -> str:
         ("KV cache", "no KV cache in this mode" if kv is None or s["kv_cache_tokens_per_worker"] is None else
          f"mean {kv:.1%}, max {s['kv_cache_utilization_max']:.1%} of {s['kv_cache_tokens_per_worker']:,} tokens/worker"),
         ("preemptions", f"{s['preemptions']:,}"),
-        ("cache hits", f"{s['cache_hit_rate']:.1%} of requests (response cache), "
-                       f"{s['prefix_cache_hit_rate'] or 0:.1%} of prompt tokens (prefix cache)"),
+        ("cache hits", fmt_cache_hits(s)),
         ("cost", f"${s['cost_usd']:.2f}" + (f", ${cost_m:.3f} per 1M output tokens" if cost_m is not None else "")),
         ("autoscaler", f"{s['autoscaler_actions']} actions"),
     ]
