@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from profiler.measure import DTYPES
 from profiler.regime import keep_attention_steady
-from sim.cli_util import run_command
+from sim.cli_util import count, run_command
 from sim.errors import InputError
 
 HEADS, HEAD_DIM = 12, 64  # gpt2's attention
@@ -35,10 +35,8 @@ PREFILL_ROWS, PREFILL_LENGTH = 2, 128
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", choices=["fp16", "bf16"], default="bf16")
-    p.add_argument("--calls", type=int, default=32, help="lengths per set, each met twice (default 32)")
+    p.add_argument("--calls", type=count, default=32, help="lengths per set, each met twice (default 32)")
     args = p.parse_args()
-    if args.calls < 1:
-        raise InputError("--calls: must be at least 1")
     if not torch.cuda.is_available():
         raise InputError("no CUDA device: cuDNN attention runs on NVIDIA GPUs only")
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]

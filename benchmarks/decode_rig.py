@@ -10,7 +10,7 @@ import torch
 from profiler.measure import GRIDS, Bench, ModeSpec
 from profiler.regime import serving_regime
 from profiler.models import build, lookup
-from sim.errors import InputError
+from sim.cli_util import count
 
 
 def decode_rig(description: str, batch: int, context: int, rounds: int):
@@ -18,13 +18,10 @@ def decode_rig(description: str, batch: int, context: int, rounds: int):
     its Bench, a synthetic cache of batch x context tokens and one token's ids per row."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="gpt2-tiny")
-    p.add_argument("--batch", type=int, default=batch)
-    p.add_argument("--context", type=int, default=context)
-    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--batch", type=count, default=batch)
+    p.add_argument("--context", type=count, default=context)
+    p.add_argument("--rounds", type=count, default=rounds)
     args = p.parse_args()
-    for name in ("batch", "context", "rounds"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name}: must be at least 1")
     device = torch.device("cpu")
     serving_regime(device, threads=1)
     model = build(lookup(args.model), torch.float32, device)

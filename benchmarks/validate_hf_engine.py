@@ -32,8 +32,7 @@ from calibration.profile import load as load_profile
 from calibration.validate import check_one_engine, check_serves_some
 from profiler.hf_engine import EngineConfig, EngineSteps, HFEngine
 from sim import scenario as scenario_mod, workload
-from sim.cli_util import run_command
-from sim.errors import InputError
+from sim.cli_util import count, run_command
 from sim.files import atomic_folder, check_replaceable
 from sim.results import requests_frame
 from sim.simulator import saturation_rps, simulate
@@ -70,7 +69,7 @@ def step_error(model: PagedStepModel, steps: EngineSteps) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", type=Path, nargs="?", default=Path("scenarios/validation/steady.yaml"))
-    p.add_argument("--requests", type=int, default=120)
+    p.add_argument("--requests", type=count, default=120)
     p.add_argument("--out", type=Path, default=Path("results/validate-hf-engine"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a scenario value")
     args = p.parse_args()
@@ -83,8 +82,6 @@ def validate(args) -> int:
     from profiler.live_engine import build_for_profile
     from profiler.regime import freeze_heap, serving_regime
 
-    if args.requests < 1:
-        raise InputError("--requests: must be at least 1")
     check_replaceable(args.out)
     serving_regime(torch.device("cpu"), threads=1)
     config = EngineConfig()
