@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from conftest import base_scenario, flood_section
 from helpers import run_scenario
 from sim.scheduler import Step
+from sim.simulator import MAX_SAMPLES
 
 
 def check_invariants(run, frame: pd.DataFrame, summary: dict, scenario: dict) -> None:
@@ -252,3 +253,21 @@ def test_continuous_batching_without_a_kv_cache_runs_and_jumps_exactly(write_pro
     _, stepwise, _ = run_scenario(path, jump=False)
     cols = ["scheduled_at", "first_token_at", "finished_at", "preemptions", "worker", "rejected"]
     pd.testing.assert_frame_equal(frame[cols], stepwise[cols], check_exact=False, rtol=1e-9, atol=1e-9)
+
+
+def test_a_run_long_past_its_arrivals_keeps_a_bounded_evenly_spaced_time_series(write_profile, write_scenario):
+    # Every request arrives within a millisecond, so the default interval is 10 ms, and four rows at
+    # a time serve them for minutes: a saturation flood's shape.
+    s = base_scenario(write_profile(decode=lambda b, c: 0.05), batching={"policy": "continuous", "max_num_seqs": 4})
+    s["workload"]["arrivals"] = {"kind": "poisson", "rate": 1e6}
+    run, frame, _ = run_scenario(write_scenario(s))
+    times = np.array(run.samples["time_s"])
+    assert MAX_SAMPLES // 2 < len(times) <= MAX_SAMPLES and run.end_s > 100
+    spacing = np.diff(times)
+    assert times[0] == 0 and np.allclose(spacing, spacing[0]) and times[-1] <= run.end_s < times[-1] + spacing[0]
+    assert {len(column) for column in run.samples.values()} == {len(times)}
+    # An interval the scenario sets is kept however long the run, and the monitor only watches.
+    s["output"] = {"sample_interval_s": 0.01}
+    fixed, fixed_frame, _ = run_scenario(write_scenario(s))
+    assert len(fixed.samples["time_s"]) == pytest.approx(run.end_s / 0.01, abs=2)
+    pd.testing.assert_frame_equal(frame, fixed_frame)
