@@ -123,6 +123,10 @@ class Worker:
         self.wakeable = False  # idle, or in a run of decode steps that an arrival would change
         self.idle: simpy.Event | None = None  # what an idle worker with no deadline waits on
         self.outstanding = 0
+        # Its last prefill pass and the decodes since (the after-prefill excess). A worker's own, not
+        # its device's: a sibling's passes would then change the price of a run already jumped.
+        self.last_prefill_tokens = 0.0
+        self.decodes_since_prefill = 0
 
     def submit(self, req: Request) -> None:
         if not self.scheduler.add(req):
@@ -171,8 +175,8 @@ class Worker:
             # Only the first decodes after a prefill pay an excess (a prefill is compute-bound, and
             # ran at its grid price): (its tokens, the decodes since) for a step that pays one.
             excess = None
-            if excess_steps and not step.prefill_seqs and replica.decodes_since_prefill < excess_steps:
-                excess = replica.last_prefill_tokens, replica.decodes_since_prefill
+            if excess_steps and not step.prefill_seqs and self.decodes_since_prefill < excess_steps:
+                excess = self.last_prefill_tokens, self.decodes_since_prefill
             seqs, context = step.decode_seqs, step.decode_context
             if step.prefill_seqs or step.max_repeat == 1 or not sim.jump:
                 repeat, elapsed = 1, cost.step_time(step)
@@ -199,9 +203,9 @@ class Worker:
             replica.last_pass_end = env.now
             if excess_steps:
                 if step.prefill_seqs:
-                    replica.last_prefill_tokens, replica.decodes_since_prefill = step.prefill_seqs * step.prefill_len, 0
+                    self.last_prefill_tokens, self.decodes_since_prefill = step.prefill_seqs * step.prefill_len, 0
                 else:
-                    replica.decodes_since_prefill += repeat
+                    self.decodes_since_prefill += repeat
             sim.busy_s += elapsed
             sim.batch_sizes[step.prefill_seqs + step.decode_seqs] += repeat
             for r in sched.postprocess(step, env.now, repeat):
@@ -232,8 +236,6 @@ class Replica:
     stopped_at: float = math.inf
     last_pass_end: float = -math.inf  # when the device last finished a forward pass
     passes_running: int = 0  # its workers' passes in flight: while any runs, the device is not idle
-    last_prefill_tokens: float = 0.0  # the device's last prefill pass (its after-prefill excess)
-    decodes_since_prefill: int = 0
 
 
 class Simulation:

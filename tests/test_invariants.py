@@ -57,14 +57,16 @@ AFTER_PREFILL = ((1, 16), (64, 1024), (((0.3, 0.1, 0.05), (0.8, 0.4, 0.1)),  # a
     max_seqs=st.integers(1, 32),
     budget=st.integers(64, 4096),
     router=st.sampled_from(["round-robin", "least-outstanding", "random"]),
+    workers_per_gpu=st.integers(1, 3),
     seed=st.integers(0, 2**16),
 )
 def test_random_scenarios_keep_invariants_and_jumps_change_nothing(
-        write_profile, write_scenario, policy, chunked, padded, replicas, rate, kv_tokens, max_seqs, budget, router, seed):
+        write_profile, write_scenario, policy, chunked, padded, replicas, rate, kv_tokens, max_seqs, budget, router,
+        workers_per_gpu, seed):
     profile = write_profile(prefill=lambda b, p: 0.003 + 2e-6 * b * p,
                             decode=lambda b, c: 0.002 + 1e-4 * b + 1e-8 * b * c, flood=ENGINE_FLOOD,
                             wake=((0.005, 0.05), (0.001, 0.002)), after_prefill=AFTER_PREFILL,
-                            kv_bytes_per_token=0 if kv_tokens is None else 1000)
+                            kv_bytes_per_token=0 if kv_tokens is None else 1000, concurrency={1: 0.01, 2: 0.014})
     batching = {"policy": policy}
     chunked = chunked and kv_tokens is not None  # chunks attend to the KV of the chunks before
     if policy == "continuous":
@@ -74,7 +76,8 @@ def test_random_scenarios_keep_invariants_and_jumps_change_nothing(
         batching |= {"max_batch_size": max_seqs}
         if policy == "dynamic":
             batching["max_wait_ms"] = 20
-    s = base_scenario(profile, replicas=replicas, router=router, kv_cache_tokens=kv_tokens, batching=batching)
+    s = base_scenario(profile, replicas=replicas, router=router, kv_cache_tokens=kv_tokens, batching=batching,
+                      workers_per_gpu=workers_per_gpu)
     s["seed"] = seed
     s["workload"]["num_requests"] = 150
     s["workload"]["arrivals"] = {"kind": "poisson", "rate": rate}
