@@ -413,7 +413,9 @@ class Simulation:
             s["replicas"].append(sum(1 for r in self.replicas if r.started_at <= env.now < r.stopped_at))
             s["ready_replicas"].append(len(self.ready) // self.scenario.deployment.workers_per_gpu)
             s["kv_used_tokens"].append(sum(w.scheduler.kv_used for w in self.workers))
-            s["kv_capacity_tokens"].append(self.kv_capacity * len(self.ready))
+            # A draining replica still holds its cache, and its requests still use it.
+            holding = sum(len(r.workers) for r in self.replicas if r.ready and env.now < r.stopped_at)
+            s["kv_capacity_tokens"].append(self.kv_capacity * holding)
             if bounded and len(s["time_s"]) > MAX_SAMPLES:
                 # The default interval spreads ~1,000 samples over the arrivals, but a run can last far
                 # past them: a saturation flood, every request at 0 s, sampled every 10 ms for an hour,

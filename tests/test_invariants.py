@@ -228,6 +228,24 @@ def test_the_autoscaler_gives_back_idle_replicas_in_a_lull(write_profile, write_
     assert replicas == 1
 
 
+def test_a_draining_replica_keeps_its_kv_cache_in_the_capacity_until_it_stops(write_profile, write_scenario):
+    """Three replicas, and a queue-depth target that wants one: at 0.5 s two drain while their
+    requests still decode. The capacity counted only replicas the router may choose, so the cache
+    in use (theirs included) read 3x the capacity, a KV utilisation of 300%."""
+    profile = write_profile(decode=lambda b, c: 0.01)
+    s = base_scenario(profile, replicas=3, kv_cache_tokens=5000)
+    s["workload"] |= {"num_requests": 30, "arrivals": {"kind": "poisson", "rate": 100.0},
+                      "prompt_tokens": {"kind": "fixed", "value": 100}, "output_tokens": {"kind": "fixed", "value": 200}}
+    s["autoscaler"] = {"policy": "queue-depth", "target_queue_per_replica": 100, "min_replicas": 1,
+                       "max_replicas": 3, "interval_s": 0.5, "cooldown_s": 0}
+    run, frame, summary = run_scenario(write_scenario(s))
+    check_invariants(run, frame, summary, s)
+    assert run.actions[0][:4] == (0.5, "scale_down", 3, 1)
+    drained = frame[frame["replica"] > 0]
+    assert len(drained) > 0 and (drained["finished_at"] > 0.5).all()
+    assert summary["kv_cache_utilization_max"] <= 1.0
+
+
 def test_the_prefix_cache_hit_rate_counts_the_prompt_tokens_found_cached(write_profile, write_scenario):
     """One shared prefix of 60 tokens on 100-token prompts, arrivals far apart: the first prefill
     computes it, each later one finds it, so the rate is 60 (n - 1) / (100 n), as vLLM counts it."""
