@@ -15,7 +15,7 @@ import yaml
 
 from sim.errors import InputError
 from sim.fields import Fields, parse_yaml, read_yaml
-from sim.workload import Trace, read_trace
+from sim.workload import MAX_REQUESTS, Trace, peak_rate, read_trace
 
 POLICIES = ("static", "dynamic", "continuous")
 ROUTERS = ("round-robin", "least-outstanding", "random")
@@ -184,8 +184,13 @@ def _arrivals(s: Fields, base: Path) -> Arrivals:
 
 def _workload(w: Fields, base: Path) -> Workload:
     arrivals = _arrivals(w.section("arrivals", required=True), base)
-    num_requests = w.num("num_requests", None, integer=True, low=1)
+    num_requests = w.num("num_requests", None, integer=True, low=1, high=MAX_REQUESTS)
     duration_s = w.num("duration_s", None, positive=True)
+    if num_requests is None and duration_s is not None and arrivals.kind != "trace":
+        most = peak_rate(arrivals) * duration_s
+        if most > MAX_REQUESTS:
+            w.fail(f"{duration_s:g} s at up to {peak_rate(arrivals):g} req/s may ask for {most:.3g} requests, "
+                   f"more than a run holds ({MAX_REQUESTS:,}): shorten it or give num_requests", "duration_s")
     if arrivals.kind == "trace":
         for key in ("prompt_tokens", "output_tokens"):
             if w.has(key):

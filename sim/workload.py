@@ -16,6 +16,10 @@ import pandas as pd
 
 from sim.errors import InputError
 
+# The most requests one run may ask for: a million take ~60 s to simulate, and generating far more
+# would fill memory (or, for a bursty state, exceed what numpy can draw) before anything ran.
+MAX_REQUESTS = 100_000_000
+
 # Trace layouts we read: servesim's own (also Vidur's) and the Azure LLM inference trace's.
 TRACE_LAYOUTS = {
     ("arrived_at", "num_prefill_tokens", "num_decode_tokens"): "seconds",
@@ -140,9 +144,14 @@ def _mmpp(rng, rates, durations, n, duration) -> np.ndarray:
         length = rng.exponential(durations[state])
         rate = rates[state]
         if rate > 0:
-            k = rng.poisson(rate * length)
-            chunks.append(t + np.sort(rng.random(k)) * length)
-            count += k
+            if rate * length <= 1e6:
+                times = t + np.sort(rng.random(rng.poisson(rate * length))) * length
+            else:  # a flood: only the arrivals still needed, from their gaps; sorting them all would take
+                # seconds, or more memory than there is, or a count larger than numpy draws
+                end = length if duration is None else min(length, duration - t)
+                times = t + _from_gaps(lambda k: rng.exponential(1.0 / rate, k), None if n is None else n - count, end)
+            chunks.append(times)
+            count += len(times)
         t += length
         state = (state + 1) % len(rates)
     return _take(np.concatenate(chunks) if chunks else np.empty(0), n, duration)
@@ -153,6 +162,20 @@ def _piecewise(rates, durations):
     edges = np.cumsum(durations)
     rates = np.asarray(rates, float)
     return lambda t: rates[np.minimum(np.searchsorted(edges, t, side="right"), len(rates) - 1)]
+
+
+def peak_rate(spec) -> float:
+    """The highest rate (requests/s) an arrival process reaches; a trace's is its own."""
+    p, kind = spec.params, spec.kind
+    if kind in ("poisson", "gamma"):
+        return p["rate"]
+    if kind in ("bursty", "step"):
+        return max(p["rates"])
+    if kind == "diurnal":
+        return p["mean_rate"] * (1 + p["amplitude"])
+    if kind == "ramp":
+        return max(p["start_rate"], p["end_rate"])
+    raise AssertionError(kind)
 
 
 def arrival_times(spec, rng, n: int | None, duration: float | None) -> np.ndarray:
@@ -167,13 +190,13 @@ def arrival_times(spec, rng, n: int | None, duration: float | None) -> np.ndarra
     if kind == "diurnal":
         mean, amp, period, phase = p["mean_rate"], p["amplitude"], p["period_s"], p["phase_s"]
         rate = lambda t: mean * (1 + amp * np.sin(2 * math.pi * (t + phase) / period))  # noqa: E731
-        return _thinned(rng, rate, mean * (1 + amp), n, duration)
+        return _thinned(rng, rate, peak_rate(spec), n, duration)
     if kind == "step":
-        return _thinned(rng, _piecewise(p["rates"], p["durations_s"]), max(p["rates"]), n, duration)
+        return _thinned(rng, _piecewise(p["rates"], p["durations_s"]), peak_rate(spec), n, duration)
     if kind == "ramp":
         r0, r1, span = p["start_rate"], p["end_rate"], p["duration_s"]
         rate = lambda t: r0 + (r1 - r0) * np.minimum(t / span, 1.0)  # noqa: E731
-        return _thinned(rng, rate, max(r0, r1), n, duration)
+        return _thinned(rng, rate, peak_rate(spec), n, duration)
     raise AssertionError(kind)
 
 

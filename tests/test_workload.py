@@ -1,0 +1,22 @@
+"""Arrival processes: what they draw, checked against the rates they promise."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sim import workload
+from sim.scenario import Arrivals
+
+
+def test_a_bursty_flood_state_draws_only_the_arrivals_still_needed_at_its_rate():
+    """A state expecting more arrivals than numpy draws at once (rate x length above 9e18) stopped
+    on "lam value too large"; above a million, sorting them all took seconds and gigabytes."""
+    spec = Arrivals("bursty", {"rates": [1e6, 1e12], "mean_durations_s": [1e-3, 1e9]})
+    times = workload.arrival_times(spec, np.random.default_rng(0), 200_000, None)
+    assert len(times) == 200_000 and (np.diff(times) >= 0).all()
+    flood = np.diff(times)[np.diff(times) < 1e-9]  # the second state's gaps (the first's are ~1 us)
+    assert len(flood) > 150_000 and abs(flood.mean() / 1e-12 - 1) < 0.02
+    # Bounded by a duration instead, the flood stops there: about rate x duration arrivals.
+    spec = Arrivals("bursty", {"rates": [1e7], "mean_durations_s": [1e9]})
+    times = workload.arrival_times(spec, np.random.default_rng(0), None, 0.05)
+    assert abs(len(times) - 500_000) < 5 * np.sqrt(500_000) and times[-1] < 0.05
