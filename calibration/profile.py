@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from sim.errors import InputError
-from sim.fields import Fields
+from sim.fields import LARGEST, Fields
 from sim.files import write_atomic
 
 SCHEMA_VERSION = 6  # 3: each mode's wake penalty; 4: calibration floods; 5: engine overhead from the floods
@@ -153,7 +153,7 @@ def _grid(section: Fields, x_key: str) -> Grid:
         for j, v in enumerate(row):
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= LARGEST:
                 section.fail(f"[{i}][{j}] must be a positive number of seconds or null, got {v!r}", "median_s")
             seconds[i, j] = v
     if np.isnan(seconds).all():
@@ -186,7 +186,7 @@ def _after_prefill(section: Fields) -> AfterPrefill:
         for i, row in enumerate(table):
             width = width or (len(row) if isinstance(row, list) else 0)
             if not (isinstance(row, list) and width and len(row) == width and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in row)):
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= LARGEST for v in row)):
                 section.fail(f"table {r} row {i} must be fractions >= 0, one per decode after the prefill, "
                              "as many in every row", "excess")
     section.num("decode_context", positive=True, integer=True)  # the decodes' context, timed at the grid's middle

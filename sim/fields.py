@@ -13,6 +13,11 @@ from sim.errors import InputError
 
 REQUIRED = object()
 
+# No input servesim reads comes near this (a device's bytes are ~1e11, its FLOP/s ~1e15), and
+# anything past it overflows once multiplied: a flood step of 1e308 tokens stopped the engine
+# overhead's fit on "SVD did not converge".
+LARGEST = 1e18
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1, which PyYAML reads, takes `1e9` and `2.5e-3` for strings (it wants `1.0e+9`);
@@ -128,6 +133,8 @@ class Fields:
             self.fail(f"expected a number, got {value!r}", key)
         if not math.isfinite(value):
             self.fail(f"must be finite, got {value!r}", key)
+        if abs(value) > LARGEST:
+            self.fail(f"must be at most {LARGEST:g} in size, got {value!r}", key)
         if integer:
             if value != int(value):
                 self.fail(f"expected a whole number, got {value!r}", key)

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from calibration.profile import SCHEMA_VERSION
-from conftest import ROOT, base_scenario, synthetic_profile
+from conftest import ROOT, base_scenario, flood_section, synthetic_profile
+from sim.scheduler import Step
 
 
 def run(*args, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -148,6 +149,10 @@ def test_a_trace_row_of_the_wrong_width_is_refused(tmp_path, rows, message):
     (f'{{"schema_version": {SCHEMA_VERSION}, "name": "x"}}', "device: is required"),
     (json.dumps(synthetic_profile(model_config={"n_positions": "big"})),
      "model.config: the context window must be a positive integer, got 'big'"),
+    # Past overflow once multiplied: the engine overhead's fit stopped on "SVD did not converge".
+    (json.dumps(synthetic_profile(flood=flood_section([Step(decode_seqs=1, decode_context=64, reshuffle_tokens=1e308)],
+                                                      [0.01], [0.001]))),
+     "modes.fp16.flood.reshuffle_tokens[0]: must be at most 1e+18 in size, got 1e+308"),
 ])
 def test_corrupt_profiles_are_rejected_clearly(tmp_path, content, message):
     bad = tmp_path / "bad.json"
