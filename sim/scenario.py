@@ -215,7 +215,8 @@ def _workload(w: Fields, base: Path) -> Workload:
     keys = w.section("prompt_keys")
     prompt_keys = None
     if keys is not None:
-        prompt_keys = (keys.num("distinct", integer=True, low=1), keys.num("zipf", 1.0, low=0))
+        # One Zipf weight per distinct prompt: more than a run's requests would only fill memory.
+        prompt_keys = (keys.num("distinct", integer=True, low=1, high=MAX_REQUESTS), keys.num("zipf", 1.0, low=0))
         keys.done()
     prefix = w.section("shared_prefix")
     shared_prefix = None

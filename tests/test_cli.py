@@ -71,6 +71,7 @@ BAD_SCENARIOS = [
     (lambda s: s["workload"].update(num_requests=None, duration_s=3600, arrivals={"kind": "poisson", "rate": 1e6}),
      "workload.duration_s: 3600 s at up to 1e+06 req/s may ask for 3.6e+09 requests, more than a run holds"),
     (lambda s: s["workload"].update(num_requests=10**9), "workload.num_requests: must be <= 100000000"),
+    (lambda s: s["workload"].update(prompt_keys={"distinct": 10**12}), "workload.prompt_keys.distinct: must be <= 100000000"),
     (lambda s: s.update(workload={"num_requests": 20000, "arrivals": {  # it replayed the 19,366 silently
         "kind": "trace", "trace": str(ROOT / "scenarios/traces/azure-conv-2023.csv")}}),
      "workload.num_requests: the trace holds 19,366 requests"),
