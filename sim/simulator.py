@@ -262,7 +262,9 @@ class Simulation:
         self.rr = 0
         self.closed = False  # every request has arrived
         self.busy_s = 0.0
-        self.batch_sizes = [0] * (self._max_rows() + 1)  # a list: a numpy item update costs more
+        # Forward passes by rows, up to the policy's limit or the requests there are (a limit of 10^9
+        # means "no limit", not a billion counters). A list: a numpy item update costs more.
+        self.batch_sizes = [0] * (min(self._max_rows(), n) + 1)
         self.actions: list[tuple[float, str, int, int, str]] = []
         self.cache: OrderedDict[int, float] | None = OrderedDict() if scenario.response_cache else None
         auto = scenario.autoscaler
