@@ -84,7 +84,7 @@ class Outcome:
     def empty(cls, n: int) -> Outcome:
         nan = lambda: np.full(n, np.nan)  # noqa: E731
         minus = lambda: np.full(n, -1, dtype=np.int32)  # noqa: E731
-        return cls(nan(), nan(), nan(), minus(), minus(), np.zeros(n, np.int32), np.zeros(n, np.int32),
+        return cls(nan(), nan(), nan(), minus(), minus(), np.zeros(n, np.int32), np.zeros(n, np.int64),
                    np.zeros(n, bool), np.zeros(n, np.int8))
 
     def record(self, req: Request, replica: int) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from sim.errors import InputError
+from sim.fields import LARGEST
 
 # The most requests one run may ask for: a million take ~60 s to simulate, and generating far more
 # would fill memory (or, for a bursty state, exceed what numpy can draw) before anything ran.
@@ -75,12 +76,13 @@ def read_trace(path: str | Path) -> Trace:
 
     def numbers(col: str, minimum: float) -> np.ndarray:
         values = pd.to_numeric(frame[col].str.strip(), errors="coerce").to_numpy(float)
-        bad = ~np.isfinite(values) | (values < minimum)
+        bad = ~np.isfinite(values) | (values < minimum) | (values > LARGEST)  # past it, int64 wraps
         if col != time_col:
             bad |= values != np.round(values)
         if bad.any():
             i = int(np.argmax(bad))
-            kind = "a time in seconds >= 0" if col == time_col else f"a whole number >= {minimum:g}"
+            kind = "a time in seconds from 0" if col == time_col else f"a whole number from {minimum:g}"
+            kind += f" to {LARGEST:g}"
             raise InputError(f"{path}: line {i + 2}: column {col}: expected {kind}, got {frame[col].iloc[i]!r}")
         return values
 

@@ -132,9 +132,11 @@ def test_bad_trace_row_is_named_by_line_and_column(tmp_path, write_profile):
 @pytest.mark.parametrize("rows,message", [
     ("0.0,10,5,7\n", "line 2: more fields than the header names"),  # pandas would shift it into 10,5,7
     ("0.0,10,5\n0.5,10,5,7\n", "Expected 3 fields in line 3, saw 4"),
-    ("0.0,10\n", "line 2: column num_decode_tokens: expected a whole number >= 1, got ''"),
+    ("0.0,10\n", "line 2: column num_decode_tokens: expected a whole number from 1 to 1e\\+18, got ''"),
+    # int64 wrapped it, and recording the request stopped on OverflowError
+    ("0.0,1e22,5\n", "line 2: column num_prefill_tokens: expected a whole number from 1 to 1e\\+18, got '1e22'"),
 ])
-def test_a_trace_row_of_the_wrong_width_is_refused(tmp_path, rows, message):
+def test_a_trace_row_of_the_wrong_width_or_range_is_refused(tmp_path, rows, message):
     from sim.errors import InputError
     from sim.workload import read_trace
 
