@@ -187,9 +187,9 @@ def _workload(w: Fields, base: Path) -> Workload:
     num_requests = w.num("num_requests", None, integer=True, low=1, high=MAX_REQUESTS)
     duration_s = w.num("duration_s", None, positive=True)
     if num_requests is None and duration_s is not None and arrivals.kind != "trace":
-        most = peak_rate(arrivals) * duration_s
-        if most > MAX_REQUESTS:
-            w.fail(f"{duration_s:g} s at up to {peak_rate(arrivals):g} req/s may ask for {most:.3g} requests, "
+        peak = peak_rate(arrivals)
+        if peak * duration_s > MAX_REQUESTS:
+            w.fail(f"{duration_s:g} s at up to {peak:g} req/s may ask for {peak * duration_s:.3g} requests, "
                    f"more than a run holds ({MAX_REQUESTS:,}): shorten it or give num_requests", "duration_s")
     if arrivals.kind == "trace":
         for key in ("prompt_tokens", "output_tokens"):

@@ -167,7 +167,7 @@ def _piecewise(rates, durations):
 
 
 def peak_rate(spec) -> float:
-    """The highest rate (requests/s) an arrival process reaches; a trace's is its own."""
+    """The highest rate (requests/s) a generated arrival process reaches (not a trace's)."""
     p, kind = spec.params, spec.kind
     if kind in ("poisson", "gamma"):
         return p["rate"]
