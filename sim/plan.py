@@ -325,6 +325,18 @@ def recommend(results: list[dict], target_rps: float | None) -> dict | None:
     return {"config": best["config"], "why": why, "slo_margin": slack}
 
 
+def _stop_with(parent: int) -> None:
+    """A pool worker's initializer: the worker stops when the plan's process dies. Killed by a
+    timeout or a job scheduler, a plan left its workers bisecting on for minutes, orphaned."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the kernel signals it
+    if os.getppid() != parent:  # the plan died before the signal was asked for
+        os._exit(1)
+
+
 def run_plan(plan: Plan, executor: Executor, done: Callable[[], None] = lambda: None) -> list[dict]:
     """Every configuration evaluated on `executor`, in the plan's order; `done()` as each finishes."""
     futures = [executor.submit(evaluate, c, plan.target_rps, plan.max_replicas) for c in plan.configs]
@@ -400,7 +412,8 @@ def main(argv=None) -> int:
                 with client:
                     results = run_plan(plan, client.get_executor(), bar.update)
             else:
-                with ProcessPoolExecutor(max_workers=max(1, min(args.workers, len(plan.configs)))) as pool:
+                with ProcessPoolExecutor(max_workers=max(1, min(args.workers, len(plan.configs))),
+                                         initializer=_stop_with, initargs=(os.getpid(),)) as pool:
                     results = run_plan(plan, pool, bar.update)
         front, rec = pareto(results), recommend(results, plan.target_rps)
         summary = {"plan": plan.name, "target_rps": plan.target_rps, "results": results,

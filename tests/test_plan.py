@@ -173,3 +173,33 @@ def test_a_tpot_slo_with_no_request_to_measure_is_met(write_profile, write_scena
     assert frame["tpot_s"].isna().all()
     assert summary["slo"]["tpot"] == {"percentile": 95, "max_s": 0.001, "value_s": None, "met": True}
     assert summary["slo_met"] and _worst(summary)[0] == "e2e"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="workers stop with the plan through Linux's PR_SET_PDEATHSIG")
+def test_a_killed_plan_takes_its_workers_with_it(tmp_path, write_profile):
+    """Killed by a timeout or a job scheduler (SIGTERM), a plan left its pool workers running on,
+    orphaned, each through its configuration's whole bisection."""
+    import os
+    import signal
+    import time
+
+    path = write_plan(tmp_path, write_profile(), {"slo": {"e2e": {"max_s": 1.0}}, "num_requests": 500_000,
+                                                   "search": {"deployment.replicas": [1, 2]}})
+    plan = subprocess.Popen([sys.executable, "-m", "sim.plan", str(path), "--out", str(tmp_path / "out"),
+                             "--workers", "2", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def workers() -> list[int]:
+        found = subprocess.run(["pgrep", "-P", str(plan.pid)], capture_output=True, text=True).stdout.split()
+        return [int(pid) for pid in found]
+
+    deadline = time.monotonic() + 120
+    while len(workers()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pool = workers()
+    assert len(pool) == 2 and plan.poll() is None  # both at work on a bisection of 500,000-request runs
+    plan.send_signal(signal.SIGTERM)
+    plan.wait(timeout=60)
+    deadline = time.monotonic() + 60
+    while any(os.path.exists(f"/proc/{pid}") for pid in pool) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in pool)
