@@ -92,7 +92,7 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
     except InputError as e:
         top.fail(str(e), "base")
     target = top.num("target_rps", None, positive=True)
-    max_replicas = top.num("max_replicas", 16, integer=True, low=1)
+    max_replicas = top.num("max_replicas", 16, integer=True, low=1, high=scenario_mod.MAX_REPLICAS)
     num_requests = top.num("num_requests", None, integer=True, low=1)
     slo = top.raw("slo", None)
     search = top.section("search")

@@ -21,6 +21,9 @@ POLICIES = ("static", "dynamic", "continuous")
 ROUTERS = ("round-robin", "least-outstanding", "random")
 AUTOSCALERS = ("off", "queue-depth", "latency")
 SLO_METRICS = ("ttft", "tpot", "e2e")
+# The largest deployment a scenario or plan may name: each replica is simulated, so 10^12 of them
+# filled memory before the first request arrived.
+MAX_REPLICAS = 100_000
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ def _deployment(d: Fields, base: Path) -> Deployment:
     spec = Deployment(
         profile=profile,
         mode=d.str("mode"),
-        replicas=d.num("replicas", 1, integer=True, low=1),
+        replicas=d.num("replicas", 1, integer=True, low=1, high=MAX_REPLICAS),
         workers_per_gpu=d.num("workers_per_gpu", 1, integer=True, low=1),
         router=d.str("router", "least-outstanding", choices=ROUTERS),
         batching=_batching(d.section("batching", required=True)),
@@ -277,8 +280,8 @@ def _autoscaler(a: Fields | None, replicas: int) -> Autoscaler | None:
     if policy == "off":
         a.done()
         return None
-    lo = a.num("min_replicas", 1, integer=True, low=1)
-    hi = a.num("max_replicas", integer=True, low=lo)
+    lo = a.num("min_replicas", 1, integer=True, low=1, high=MAX_REPLICAS)
+    hi = a.num("max_replicas", integer=True, low=lo, high=MAX_REPLICAS)
     if not lo <= replicas <= hi:
         a.fail(f"deployment.replicas ({replicas}) must lie within min_replicas..max_replicas ({lo}..{hi})",
                "max_replicas")

@@ -56,6 +56,7 @@ BAD_SCENARIOS = [
     (lambda s: s.update(autoscaler={"policy": False, "interval_s": 5}),  # YAML 1.1 reads `off` as false
      "autoscaler: unknown key 'interval_s' with policy 'off' (allowed here: policy)"),
     (lambda s: s["deployment"].update(replicas=0), "deployment.replicas: must be >= 1"),
+    (lambda s: s["deployment"].update(replicas=10**6), "deployment.replicas: must be <= 100000"),  # filled memory
     (lambda s: s["deployment"]["batching"].update(policy="magic"), "deployment.batching.policy: 'magic' is not one of"),
     (lambda s: s["workload"]["arrivals"].update(rate=-1), "workload.arrivals.rate: must be > 0"),
     (lambda s: s["workload"].pop("output_tokens"), "workload.output_tokens: is required"),

@@ -120,6 +120,8 @@ def test_a_configuration_that_rejects_more_than_the_percentile_allows_fails_and_
     ({"num_requests": 0}, "num_requests: must be >= 1, got 0"),
     ({"search": {"workload.arrivals.rate": [1, 4]}}, "the planner sets the offered rate itself"),
     ({"search": {"deployment.replicas": [1, 1]}}, "two configurations are named 'replicas=1'"),
+    # Its bisection simulated half a trillion replicas: a worker died and the pool broke.
+    ({"target_rps": 5, "max_replicas": 10**12}, "max_replicas: must be <= 100000"),
 ])
 def test_bad_plans_fail_clearly(tmp_path, write_profile, plan, message):
     path = write_plan(tmp_path, write_profile(), {"slo": {"e2e": {"max_s": 1.0}}} | plan)
