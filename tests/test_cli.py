@@ -261,12 +261,12 @@ def test_report_names_the_results_file_that_is_missing_or_corrupt(tmp_path):
 def test_a_workload_too_big_for_memory_is_one_line_and_writes_nothing(tmp_path):
     import resource
 
-    def cap_memory():  # 3 GB of address space: 200 million requests' arrays need more
-        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+    def cap_memory():  # 2 GB of address space: the most requests a run takes (100 million) need more
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 
     out = tmp_path / "o"
     proc = subprocess.run([sys.executable, "-m", "sim.cli", "scenarios/steady.yaml", "--out", str(out), "--quiet",
-                           "--set", "workload.num_requests=200000000"], capture_output=True, text=True, cwd=ROOT,
+                           "--set", "workload.num_requests=100000000"], capture_output=True, text=True, cwd=ROOT,
                           timeout=300, preexec_fn=cap_memory)
     assert_one_line_error(proc, "out of memory", "fewer requests")
     assert not out.exists()
