@@ -58,20 +58,24 @@ AFTER_PREFILL = ((1, 16), (64, 1024), (((0.3, 0.1, 0.05), (0.8, 0.4, 0.1)),  # a
     budget=st.integers(64, 4096),
     router=st.sampled_from(["round-robin", "least-outstanding", "random"]),
     workers_per_gpu=st.integers(1, 3),
+    autoscale=st.booleans(),
+    prefix=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_random_scenarios_keep_invariants_and_jumps_change_nothing(
         write_profile, write_scenario, policy, chunked, padded, replicas, rate, kv_tokens, max_seqs, budget, router,
-        workers_per_gpu, seed):
+        workers_per_gpu, autoscale, prefix, seed):
     profile = write_profile(prefill=lambda b, p: 0.003 + 2e-6 * b * p,
                             decode=lambda b, c: 0.002 + 1e-4 * b + 1e-8 * b * c, flood=ENGINE_FLOOD,
                             wake=((0.005, 0.05), (0.001, 0.002)), after_prefill=AFTER_PREFILL,
                             kv_bytes_per_token=0 if kv_tokens is None else 1000, concurrency={1: 0.01, 2: 0.014})
     batching = {"policy": policy}
     chunked = chunked and kv_tokens is not None  # chunks attend to the KV of the chunks before
+    paged = not (padded and not chunked)
+    prefix = prefix and policy == "continuous" and paged and kv_tokens is not None  # it works on KV blocks
     if policy == "continuous":
         batching |= {"max_num_seqs": max_seqs, "max_batched_tokens": budget, "chunked_prefill": chunked,
-                     "kv_layout": "padded" if padded and not chunked else "paged"}
+                     "prefix_caching": prefix, "kv_layout": "paged" if paged else "padded"}
     else:
         batching |= {"max_batch_size": max_seqs}
         if policy == "dynamic":
@@ -81,6 +85,11 @@ def test_random_scenarios_keep_invariants_and_jumps_change_nothing(
     s["seed"] = seed
     s["workload"]["num_requests"] = 150
     s["workload"]["arrivals"] = {"kind": "poisson", "rate": rate}
+    if prefix:
+        s["workload"]["shared_prefix"] = {"groups": 2, "tokens": 40}
+    if autoscale:  # replicas added and drained mid-run
+        s["autoscaler"] = {"policy": "queue-depth", "target_queue_per_replica": 4, "min_replicas": 1,
+                           "max_replicas": 3, "interval_s": 0.2, "cooldown_s": 0}
     path = write_scenario(s)
     run, frame, summary = run_scenario(path)
     check_invariants(run, frame, summary, s)
