@@ -285,7 +285,8 @@ def _autoscaler(a: Fields | None, replicas: int) -> Autoscaler | None:
     if not lo <= replicas <= hi:
         a.fail(f"deployment.replicas ({replicas}) must lie within min_replicas..max_replicas ({lo}..{hi})",
                "max_replicas")
-    common = dict(policy=policy, min_replicas=lo, max_replicas=hi, interval_s=a.num("interval_s", 10.0, positive=True),
+    # Real autoscalers act every 15-60 s; one acting every 1e-12 s ran for ever between two arrivals.
+    common = dict(policy=policy, min_replicas=lo, max_replicas=hi, interval_s=a.num("interval_s", 10.0, low=0.01),
                   cooldown_s=a.num("cooldown_s", 30.0, low=0))
     if policy == "queue-depth":
         spec = Autoscaler(**common, target_queue_per_replica=a.num("target_queue_per_replica", positive=True))

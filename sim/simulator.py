@@ -29,6 +29,7 @@ from sim.workload import Trace
 
 REJECT_REASONS = ("", "kv_cache_too_small", "prompt_exceeds_max_batched_tokens", "exceeds_context_window")
 MAX_SAMPLES = 2000  # the time series' bound when the scenario sets no sample interval (even: see monitor)
+MAX_SET_SAMPLES = 1_000_000  # with one set: an interval of 1e-12 s sampled for ever, filling memory
 
 
 def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
@@ -426,6 +427,9 @@ class Simulation:
                 for column in s.values():
                     del column[1::2]
                 interval *= 2
+            elif len(s["time_s"]) > MAX_SET_SAMPLES:  # a set interval is kept, up to a point
+                raise InputError(f"{self.scenario.path}: output.sample_interval_s: {interval:g} s took "
+                                 f"{MAX_SET_SAMPLES:,} samples by {env.now:.6g} s into the run: raise it")
             yield env.timeout(interval)
 
     def run(self) -> Run:

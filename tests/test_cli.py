@@ -57,6 +57,11 @@ BAD_SCENARIOS = [
      "autoscaler: unknown key 'interval_s' with policy 'off' (allowed here: policy)"),
     (lambda s: s["deployment"].update(replicas=0), "deployment.replicas: must be >= 1"),
     (lambda s: s["deployment"].update(replicas=10**6), "deployment.replicas: must be <= 100000"),  # filled memory
+    # Both ran for ever: an autoscaler acting, and a monitor sampling, every 1e-12 s.
+    (lambda s: s.update(autoscaler={"policy": "queue-depth", "max_replicas": 2, "target_queue_per_replica": 4,
+                                    "interval_s": 1e-12}), "autoscaler.interval_s: must be >= 0.01, got 1e-12"),
+    (lambda s: s.update(output={"sample_interval_s": 1e-12}),
+     "output.sample_interval_s: 1e-12 s took 1,000,000 samples by 1e-06 s into the run: raise it"),
     (lambda s: s["deployment"]["batching"].update(policy="magic"), "deployment.batching.policy: 'magic' is not one of"),
     (lambda s: s["workload"]["arrivals"].update(rate=-1), "workload.arrivals.rate: must be > 0"),
     (lambda s: s["workload"].pop("output_tokens"), "workload.output_tokens: is required"),
