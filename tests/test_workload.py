@@ -1,10 +1,11 @@
-"""Arrival processes: what they draw, checked against the rates they promise."""
+"""Request streams: what arrival processes and prompt popularity draw, against what they promise."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from sim import workload
+from conftest import base_scenario
+from sim import scenario as scenario_mod, workload
 from sim.scenario import Arrivals
 
 
@@ -20,3 +21,12 @@ def test_a_bursty_flood_state_draws_only_the_arrivals_still_needed_at_its_rate()
     spec = Arrivals("bursty", {"rates": [1e7], "mean_durations_s": [1e9]})
     times = workload.arrival_times(spec, np.random.default_rng(0), None, 0.05)
     assert abs(len(times) - 500_000) < 5 * np.sqrt(500_000) and times[-1] < 0.05
+
+
+def test_an_integer_zipf_exponent_past_int64_makes_one_prompt_all_the_traffic(write_profile, write_scenario):
+    """Zipf weights 1 / k^s in integers wrapped int64 at s = 10^9, to NaN probabilities."""
+    s = base_scenario(write_profile())
+    s["workload"]["prompt_keys"] = {"distinct": 50, "zipf": 10**9}
+    scenario = scenario_mod.load(write_scenario(s))
+    trace = workload.generate(scenario.workload, scenario.seed)
+    assert (trace.prompt_key == 0).all()
