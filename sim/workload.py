@@ -238,8 +238,10 @@ def generate(workload, seed: int) -> Trace:
     prompt_key = prefix_id = prefix_tokens = None
     if workload.prompt_keys is not None:
         distinct, s = workload.prompt_keys
-        # Zipf popularity over distinct prompts, in floats: an integer exponent of 1e9 wrapped int64 to 0
-        weights = 1.0 / np.arange(1, distinct + 1, dtype=float) ** s
+        # Zipf popularity over distinct prompts, in floats: an integer exponent of 1e9 wrapped int64 to 0.
+        # A power past the floats' range is infinite, and its prompt's weight 0, as it should be.
+        with np.errstate(over="ignore"):
+            weights = 1.0 / np.arange(1, distinct + 1, dtype=float) ** s
         prompt_key = rng_keys.choice(distinct, n, p=weights / weights.sum())
     if workload.shared_prefix is not None:
         groups, tokens, fraction = workload.shared_prefix
