@@ -127,15 +127,24 @@ def _from_gaps(draw, n: int | None, duration: float | None) -> np.ndarray:
     return _take(np.concatenate(chunks), None, duration)
 
 
-def _thinned(rng, rate_at, peak: float, n: int | None, duration: float | None) -> np.ndarray:
-    """A non-homogeneous Poisson process by thinning a homogeneous one at the peak rate."""
+def _thinned(rng, rate_at, peak: float, n: int | None, duration: float | None,
+             held: tuple[float, float] | None = None) -> np.ndarray:
+    """A non-homogeneous Poisson process by thinning a homogeneous one at the peak rate. From
+    `held` = (time, rate) on, the rate holds and is drawn from its own gaps: thinned, a final rate
+    1e-9 of the peak took a billion candidates per arrival."""
     chunks, count, t = [], 0, 0.0
-    while (n is None or count < n) and (duration is None or t < duration):
+    end = held[0] if held is not None else math.inf
+    while (n is None or count < n) and (duration is None or t < duration) and t < end:
         candidates = t + np.cumsum(rng.exponential(1.0 / peak, 4096))
         t = candidates[-1]
         kept = candidates[rng.random(4096) * peak < rate_at(candidates)]
+        kept = kept[kept < end]
         chunks.append(kept)
         count += len(kept)
+    if held is not None and held[1] > 0 and (n is None or count < n) and (duration is None or end < duration):
+        rate = held[1]
+        chunks.append(end + _from_gaps(lambda k: rng.exponential(1.0 / rate, k), None if n is None else n - count,
+                                       None if duration is None else duration - end))
     return _take(np.concatenate(chunks), n, duration)
 
 
@@ -194,11 +203,12 @@ def arrival_times(spec, rng, n: int | None, duration: float | None) -> np.ndarra
         rate = lambda t: mean * (1 + amp * np.sin(2 * math.pi * (t + phase) / period))  # noqa: E731
         return _thinned(rng, rate, peak_rate(spec), n, duration)
     if kind == "step":
-        return _thinned(rng, _piecewise(p["rates"], p["durations_s"]), peak_rate(spec), n, duration)
+        held = (float(sum(p["durations_s"])), p["rates"][-1])
+        return _thinned(rng, _piecewise(p["rates"], p["durations_s"]), peak_rate(spec), n, duration, held)
     if kind == "ramp":
         r0, r1, span = p["start_rate"], p["end_rate"], p["duration_s"]
         rate = lambda t: r0 + (r1 - r0) * np.minimum(t / span, 1.0)  # noqa: E731
-        return _thinned(rng, rate, peak_rate(spec), n, duration)
+        return _thinned(rng, rate, peak_rate(spec), n, duration, (span, r1))
     raise AssertionError(kind)
 
 

@@ -30,3 +30,17 @@ def test_an_integer_zipf_exponent_past_int64_makes_one_prompt_all_the_traffic(wr
     scenario = scenario_mod.load(write_scenario(s))
     trace = workload.generate(scenario.workload, scenario.seed)
     assert (trace.prompt_key == 0).all()
+
+
+def test_a_step_schedule_holds_its_final_rate_however_far_below_the_peak():
+    """The final rate holds after the schedule. Thinned at the peak, a final rate 1e-9 of it took a
+    billion candidates per arrival and never finished; it is drawn from its own gaps."""
+    spec = Arrivals("step", {"rates": [100.0, 2.0], "durations_s": [5.0, 5.0]})
+    times = workload.arrival_times(spec, np.random.default_rng(0), 2000, None)
+    assert len(times) == 2000 and (np.diff(times) >= 0).all()
+    first, second, held = (times < 5).sum(), ((times >= 5) & (times < 10)).sum(), times[times >= 10]
+    assert abs(first - 500) < 5 * np.sqrt(500) and second < 30
+    assert abs((len(held) - 1) / (held[-1] - held[0]) / 2.0 - 1) < 0.1
+    spec = Arrivals("ramp", {"start_rate": 100.0, "end_rate": 1e-9, "duration_s": 5.0})
+    times = workload.arrival_times(spec, np.random.default_rng(0), 300, None)
+    assert len(times) == 300 and times[-1] > 1e6  # past the ramp, the held rate is one a billion seconds
