@@ -127,6 +127,11 @@ def _from_gaps(draw, n: int | None, duration: float | None) -> np.ndarray:
     return _take(np.concatenate(chunks), None, duration)
 
 
+def _poisson(rng, rate: float, n: int | None, duration: float | None) -> np.ndarray:
+    """A homogeneous Poisson process at `rate`, from its exponential gaps."""
+    return _from_gaps(lambda k: rng.exponential(1.0 / rate, k), n, duration)
+
+
 def _thinned(rng, rate_at, peak: float, n: int | None, duration: float | None,
              held: tuple[float, float] | None = None) -> np.ndarray:
     """A non-homogeneous Poisson process by thinning a homogeneous one at the peak rate. From
@@ -142,9 +147,8 @@ def _thinned(rng, rate_at, peak: float, n: int | None, duration: float | None,
         chunks.append(kept)
         count += len(kept)
     if held is not None and held[1] > 0 and (n is None or count < n) and (duration is None or end < duration):
-        rate = held[1]
-        chunks.append(end + _from_gaps(lambda k: rng.exponential(1.0 / rate, k), None if n is None else n - count,
-                                       None if duration is None else duration - end))
+        chunks.append(end + _poisson(rng, held[1], None if n is None else n - count,
+                                     None if duration is None else duration - end))
     return _take(np.concatenate(chunks), n, duration)
 
 
@@ -160,7 +164,7 @@ def _mmpp(rng, rates, durations, n, duration) -> np.ndarray:
             else:  # a flood: only the arrivals still needed, from their gaps; sorting them all would take
                 # seconds, or more memory than there is, or a count larger than numpy draws
                 end = length if duration is None else min(length, duration - t)
-                times = t + _from_gaps(lambda k: rng.exponential(1.0 / rate, k), None if n is None else n - count, end)
+                times = t + _poisson(rng, rate, None if n is None else n - count, end)
             chunks.append(times)
             count += len(times)
         t += length
@@ -192,7 +196,7 @@ def peak_rate(spec) -> float:
 def arrival_times(spec, rng, n: int | None, duration: float | None) -> np.ndarray:
     p, kind = spec.params, spec.kind
     if kind == "poisson":
-        return _from_gaps(lambda k: rng.exponential(1.0 / p["rate"], k), n, duration)
+        return _poisson(rng, p["rate"], n, duration)
     if kind == "gamma":
         shape = 1.0 / p["cv"] ** 2
         return _from_gaps(lambda k: rng.gamma(shape, 1.0 / (p["rate"] * shape), k), n, duration)

@@ -38,7 +38,6 @@ def test_a_spoiled_scenario_runs_or_is_one_clear_line(data):
     name = data.draw(st.sampled_from(SCENARIOS))
     raw = read_yaml(ROOT / "scenarios" / name, "scenario")
     raw["workload"]["num_requests"] = 60  # small runs, unless the spoiled value is this one
-    raw = copy.deepcopy(raw)
     *parents, key = data.draw(st.sampled_from(list(leaves(raw))))
     node = raw
     for k in parents:
