@@ -154,7 +154,8 @@ def _grid(section: Fields, x_key: str) -> Grid:
             if v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= LARGEST:
-                section.fail(f"[{i}][{j}] must be a positive number of seconds or null, got {v!r}", "median_s")
+                section.fail(f"[{i}][{j}] must be a positive number of seconds (at most {LARGEST:g}) or null, "
+                             f"got {v!r}", "median_s")
             seconds[i, j] = v
     if np.isnan(seconds).all():
         section.fail("has no measured point", "median_s")
@@ -187,8 +188,8 @@ def _after_prefill(section: Fields) -> AfterPrefill:
             width = width or (len(row) if isinstance(row, list) else 0)
             if not (isinstance(row, list) and width and len(row) == width and all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= LARGEST for v in row)):
-                section.fail(f"table {r} row {i} must be fractions >= 0, one per decode after the prefill, "
-                             "as many in every row", "excess")
+                section.fail(f"table {r} row {i} must be fractions >= 0 (at most {LARGEST:g}), one per decode "
+                             "after the prefill, as many in every row", "excess")
     section.num("decode_context", positive=True, integer=True)  # the decodes' context, timed at the grid's middle
     section.done()
     return AfterPrefill(tuple(rows), tuple(tokens),
