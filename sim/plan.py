@@ -407,7 +407,7 @@ def main(argv=None) -> int:
 
                 try:
                     client = Client(args.scheduler, timeout=10)
-                except OSError as e:
+                except (OSError, ValueError) as e:  # ValueError: an address distributed cannot parse
                     raise InputError(f"--scheduler {args.scheduler}: cannot reach the Dask scheduler ({e})") from None
                 with client:
                     results = run_plan(plan, client.get_executor(), bar.update)

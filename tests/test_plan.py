@@ -156,9 +156,10 @@ def test_a_real_local_dask_cluster_gives_the_same_answers(tmp_path, write_profil
     assert remote == local
 
 
-def test_unreachable_scheduler_is_one_clear_line(tmp_path, write_profile):
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:9", "no-port-here"])
+def test_unreachable_scheduler_is_one_clear_line(tmp_path, write_profile, address):
     path = write_plan(tmp_path, write_profile(), {"slo": {"e2e": {"max_s": 1.0}}})
-    proc, _ = run_plan(path, "--scheduler", "tcp://127.0.0.1:9")
+    proc, _ = run_plan(path, "--scheduler", address)
     assert proc.returncode == 2 and "cannot reach the Dask scheduler" in proc.stderr
 
 
