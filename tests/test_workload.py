@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from conftest import base_scenario
 from sim import scenario as scenario_mod, workload
+from sim.errors import InputError
 from sim.scenario import Arrivals
 
 
@@ -44,3 +46,17 @@ def test_a_step_schedule_holds_its_final_rate_however_far_below_the_peak():
     spec = Arrivals("ramp", {"start_rate": 100.0, "end_rate": 1e-9, "duration_s": 5.0})
     times = workload.arrival_times(spec, np.random.default_rng(0), 300, None)
     assert len(times) == 300 and times[-1] > 1e6  # past the ramp, the held rate is one a billion seconds
+
+
+def test_a_trace_reads_each_time_as_its_nearest_double_whatever_pandas_parses(tmp_path):
+    # The shipped trace holds arrival times such as 5.8926549999999995, which pandas before 3 read
+    # an ulp off (as 5.892655): the same scenario then gave other bytes under another pandas.
+    path = tmp_path / "trace.csv"
+    path.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n"
+                    "5.8926549999999995,10,5\n 1e1 ,+7,.5e1\n", encoding="utf-8")
+    trace = workload.read_trace(path)
+    assert trace.arrived_at.tolist() == [5.8926549999999995, 10.0]
+    assert trace.prompt_tokens.tolist() == [10, 7] and trace.output_tokens.tolist() == [5, 5]
+    path.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,1_000,5\n", encoding="utf-8")
+    with pytest.raises(InputError, match="line 2: column num_prefill_tokens: .* got '1_000'"):
+        workload.read_trace(path)
