@@ -444,7 +444,8 @@ class Simulation:
         env.process(self.monitor(interval or max(span / 1000, 0.01), bounded=interval is None))
         env.run(until=self.all_done)
         end = env.now
-        gpu_seconds = sum(min(r.stopped_at, end) - r.started_at for r in self.replicas)
+        # fsum: the exact sum on every Python (3.12 made sum() of floats compensated, moving the last digit)
+        gpu_seconds = math.fsum(min(r.stopped_at, end) - r.started_at for r in self.replicas)
         return Run(self.trace, self.outcome, self.samples, self.actions, np.array(self.batch_sizes, np.int64),
                    self.busy_s, gpu_seconds, self.kv_capacity, end)
 

@@ -220,7 +220,7 @@ def arrival_times(spec, rng, n: int | None, duration: float | None) -> np.ndarra
         rate = lambda t: mean * (1 + amp * np.sin(2 * math.pi * (t + phase) / period))  # noqa: E731
         return _thinned(rng, rate, peak_rate(spec), n, duration)
     if kind == "step":
-        held = (float(sum(p["durations_s"])), p["rates"][-1])
+        held = (float(np.cumsum(p["durations_s"])[-1]), p["rates"][-1])  # where _piecewise ends the schedule
         return _thinned(rng, _piecewise(p["rates"], p["durations_s"]), peak_rate(spec), n, duration, held)
     if kind == "ramp":
         r0, r1, span = p["start_rate"], p["end_rate"], p["duration_s"]
