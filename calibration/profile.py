@@ -137,6 +137,8 @@ def load(path: str | Path) -> Profile:
         raise InputError(f"{path}: cannot read profile: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: not a profile: invalid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: not a profile: JSON nested too deeply") from None
     return parse(data, path)
 
 

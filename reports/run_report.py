@@ -42,6 +42,8 @@ def _read_saved(folder: Path, name: str, parse):
         raise InputError(f"{folder}: not a servesim results folder: {name} is missing") from None
     except (json.JSONDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise InputError(f"{folder / name}: corrupt: {e}") from None
+    except RecursionError:
+        raise InputError(f"{folder / name}: corrupt: nested too deeply") from None
 
 
 def _read(folder: Path) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:

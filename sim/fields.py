@@ -30,8 +30,11 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
 
 
 def parse_yaml(text: str) -> Any:
-    """One YAML document (raises yaml.YAMLError)."""
-    return yaml.load(text, Loader=_Loader)
+    """One YAML document (raises yaml.YAMLError, also for one nested past Python's recursion limit)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
 
 
 def read_yaml(path: Path, what: str) -> Any:
@@ -45,8 +48,8 @@ def read_yaml(path: Path, what: str) -> Any:
         return parse_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise InputError(f"{path}: {where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise InputError(f"{path}: {where}invalid YAML: {getattr(e, 'problem', e)}") from None
 
 
 class Fields:

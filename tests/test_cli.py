@@ -113,6 +113,9 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert_one_line_error(run("sim.cli", str(empty)), "empty.yaml: (top level): is empty")
+    deep = tmp_path / "deep.yaml"  # past Python's recursion limit: a RecursionError traceback
+    deep.write_text("workload: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert_one_line_error(run("sim.cli", str(deep)), "deep.yaml: invalid YAML: nested too deeply")
 
 
 def test_a_plan_and_a_scenario_each_name_the_command_that_runs_them(tmp_path):
@@ -154,6 +157,7 @@ def test_a_trace_row_of_the_wrong_width_or_range_is_refused(tmp_path, rows, mess
 
 @pytest.mark.parametrize("content,message", [
     ("{not json", "invalid JSON"),
+    pytest.param("[" * 5000 + "]" * 5000, "JSON nested too deeply", id="nested-too-deeply"),  # was a traceback
     ('{"schema_version": 99}', "schema_version: is 99"),
     (f'{{"schema_version": {SCHEMA_VERSION}, "name": "x"}}', "device: is required"),
     (json.dumps(synthetic_profile(model_config={"n_positions": "big"})),
@@ -248,7 +252,8 @@ def test_report_names_the_results_file_that_is_missing_or_corrupt(tmp_path):
     assert proc.returncode == 0, proc.stderr
     good = {name: (out / name).read_bytes() for name in ("summary.json", "timeseries.csv", "requests.csv")}
     cut = good["requests.csv"][:300]  # mid-row: pandas would fill the row's missing cells with NaN
-    for name, data, message in (("summary.json", b"{bad", "corrupt"), ("timeseries.csv", b"", "corrupt"),
+    for name, data, message in (("summary.json", b"{bad", "corrupt"), ("summary.json", b"[" * 5000, "nested too deeply"),
+                                ("timeseries.csv", b"", "corrupt"),
                                 ("requests.csv", cut, "corrupt: the last row is cut off")):
         (out / name).write_bytes(data)
         assert_one_line_error(run("reports.cli", str(out)), str(out / name), message)
