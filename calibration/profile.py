@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from sim.errors import InputError
-from sim.fields import LARGEST, Fields
+from sim.fields import LARGEST, Fields, show
 from sim.files import write_atomic
 
 SCHEMA_VERSION = 6  # 3: each mode's wake penalty; 4: calibration floods; 5: engine overhead from the floods
@@ -157,7 +157,7 @@ def _grid(section: Fields, x_key: str) -> Grid:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= LARGEST:
                 section.fail(f"[{i}][{j}] must be a positive number of seconds (at most {LARGEST:g}) or null, "
-                             f"got {v!r}", "median_s")
+                             f"got {show(v)}", "median_s")
             seconds[i, j] = v
     if np.isnan(seconds).all():
         section.fail("has no measured point", "median_s")
@@ -223,7 +223,7 @@ def _max_context(model: Fields) -> float:
     if value is None:
         return math.inf
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        model.fail(f"the context window must be a positive integer, got {value!r}", "config")
+        model.fail(f"the context window must be a positive integer, got {show(value)}", "config")
     return value
 
 

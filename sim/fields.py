@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,15 @@ REQUIRED = object()
 # overhead's fit on "SVD did not converge".
 LARGEST = 1e18
 
+# YAML aliases let a few lines name a structure of 10^8 values (nine lists of ten, each the one
+# before repeated: "a billion laughs"); a plan expanding one filled 2 GB in a minute.
+MAX_VALUES = 1_000_000
+
+# A value in a message: the start of a long list or string, never the whole (which may be huge).
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxstring, _SHOW.maxother = 3, 6, 6, 60, 60
+show = _SHOW.repr
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1, which PyYAML reads, takes `1e9` and `2.5e-3` for strings (it wants `1.0e+9`);
@@ -30,11 +40,23 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
 
 
 def parse_yaml(text: str) -> Any:
-    """One YAML document (raises yaml.YAMLError, also for one nested past Python's recursion limit)."""
+    """One YAML document (raises yaml.YAMLError, also for one nested past Python's recursion limit
+    or holding more than MAX_VALUES values once its aliases are expanded)."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
+    stack, seen = [data], 0
+    while stack:  # counts an aliased node at every place it appears, as reading the values will
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise yaml.YAMLError(f"holds more than {MAX_VALUES:,} values (YAML aliases expanded)")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return data
 
 
 def read_yaml(path: Path, what: str) -> Any:
@@ -94,9 +116,9 @@ class Fields:
         if value is False and choices and "off" in choices:
             value = "off"  # YAML 1.1 reads a bare `off` as false
         if not isinstance(value, str):
-            self.fail(f"expected a string, got {value!r}", key)
+            self.fail(f"expected a string, got {show(value)}", key)
         if choices and value not in choices:
-            self.fail(f"{value!r} is not one of: {', '.join(choices)}", key)
+            self.fail(f"{show(value)} is not one of: {', '.join(choices)}", key)
         self.strings[key] = value
         return value
 
@@ -104,13 +126,13 @@ class Fields:
         """A string that names a results folder (results/<name>): one path component."""
         value = self.str(key, default)
         if not value or value in (".", "..") or "/" in value or "\\" in value:
-            self.fail(f"{value!r} is not a plain name: it names a results folder, so no '/' or '..'", key)
+            self.fail(f"{show(value)} is not a plain name: it names a results folder, so no '/' or '..'", key)
         return value
 
     def bool(self, key: str, default: Any = REQUIRED) -> bool:
         value = self.raw(key, default)
         if not isinstance(value, bool):
-            self.fail(f"expected true or false, got {value!r}", key)
+            self.fail(f"expected true or false, got {show(value)}", key)
         return value
 
     def num(self, key: str, default: Any = REQUIRED, *, low: float | None = None,
@@ -125,7 +147,7 @@ class Fields:
         """A list of numbers, each checked as `num` checks one; `ascending`: strictly (an axis)."""
         value = self.raw(key, default)
         if not isinstance(value, list) or len(value) < min_len:
-            self.fail(f"expected a list of at least {min_len} numbers, got {value!r}", key)
+            self.fail(f"expected a list of at least {min_len} numbers, got {show(value)}", key)
         values = [self._check_num(v, f"{key}[{i}]", low, None, positive, integer) for i, v in enumerate(value)]
         if ascending and sorted(set(values)) != values:
             self.fail("must be strictly ascending", key)
@@ -133,7 +155,7 @@ class Fields:
 
     def _check_num(self, value, key, low, high, positive, integer):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.fail(f"expected a number, got {value!r}", key)
+            self.fail(f"expected a number, got {show(value)}", key)
         if not math.isfinite(value):
             self.fail(f"must be finite, got {value!r}", key)
         if abs(value) > LARGEST:

@@ -52,6 +52,8 @@ BAD_SCENARIOS = [
     (lambda s: s["deployment"].update(replicaz=2), "deployment: unknown key 'replicaz'"),
     (lambda s: s.update(name="../elsewhere"), "name: '../elsewhere' is not a plain name"),  # was results/../elsewhere
     (lambda s: s["deployment"].update(replicas="two"), "deployment.replicas: expected a number"),
+    (lambda s: s["deployment"].update(replicas=[1] * 10**4),  # the message held every value
+     "deployment.replicas: expected a number, got [1, 1, 1, 1, 1, 1, ...]"),
     # the keys a section takes hang on its policy: a policy changed alone leaves the old one's behind
     (lambda s: s.update(autoscaler={"policy": False, "interval_s": 5}),  # YAML 1.1 reads `off` as false
      "autoscaler: unknown key 'interval_s' with policy 'off' (allowed here: policy)"),
@@ -116,6 +118,11 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     deep = tmp_path / "deep.yaml"  # past Python's recursion limit: a RecursionError traceback
     deep.write_text("workload: " + "[" * 5000 + "]" * 5000 + "\n")
     assert_one_line_error(run("sim.cli", str(deep)), "deep.yaml: invalid YAML: nested too deeply")
+    # Nine lists of ten, each the one before repeated, through aliases: 10^9 values (a plan filled 2 GB in a minute).
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text("workload:\n  - &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)))
+    assert_one_line_error(run("sim.cli", str(laughs)), "laughs.yaml: invalid YAML: holds more than 1,000,000 values")
 
 
 def test_a_plan_and_a_scenario_each_name_the_command_that_runs_them(tmp_path):
