@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -14,6 +15,24 @@ from sim.errors import InputError
 # Every results folder holds this file. A results folder is replaced whole, so only a folder that
 # holds it (or an empty one) is: `--out .` or `--out ~` must not delete what the user keeps there.
 MARK = ".servesim"
+
+# What writing can meet once it has begun: a full disk or quota, a file past the size limit.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFull(InputError):
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: cannot finish writing: {why} (left as it was)")
+        self.why = why
+
+
+def _stop_writing(path: Path, e: BaseException) -> None:
+    """After cleaning up, raise one clear line for a full disk, naming what was being written (a
+    results folder, not the file inside its temporary twin); let anything else through."""
+    if isinstance(e, DiskFull):
+        raise DiskFull(path, e.why) from None
+    if isinstance(e, OSError) and e.errno in _FULL:
+        raise DiskFull(path, e.strerror) from None
 
 
 def _umask() -> int:
@@ -36,8 +55,9 @@ def write_atomic(path: str | Path, text: str) -> None:
             f.write(text)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _stop_writing(path, e)
         raise
 
 
@@ -97,6 +117,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _stop_writing(path, e)
         raise

@@ -289,6 +289,21 @@ def test_a_workload_too_big_for_memory_is_one_line_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_a_write_cut_short_by_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    import resource
+    import signal
+
+    def cap_file_size():  # a file past 64 KB fails as on a full disk (EFBIG) rather than killing the process
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "sim.cli", "scenarios/steady.yaml", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, preexec_fn=cap_file_size)
+    assert_one_line_error(proc, f"{out}: cannot finish writing: File too large (left as it was)")
+    assert list(tmp_path.iterdir()) == []  # nor the temporary folder it was filling
+
+
 def test_an_unwritable_out_fails_before_the_work():
     # before minutes of profiling, not after them; /proc refuses a new file even to root
     assert_one_line_error(run("profiler.cli", "--device", "cpu", "--model", "gpt2-tiny", "--out", "/proc/p.json"),
