@@ -30,6 +30,7 @@ examples:
   profile --device cpu --model gpt2-tiny              the shipped CPU default profile
   profile --gpu 0 --model llama-3.1-8b --modes bf16,bf16-compiled
   profile --gpu 0 --model /path/to/checkpoint --out calibration/profiles/h100-mine.json
+  profile --gpu 0 --model phi-4/        a folder holding only phi-4's config.json, copied from its card
 
 modes are <fp32|fp16|bf16>[-nocache][-compiled]: nocache recomputes the whole sequence at each
 step (the seeds' FP32 baseline), compiled wraps the model in torch.compile.
@@ -45,7 +46,9 @@ def parse_args(argv):
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpu", type=int, metavar="N", help="CUDA device index to profile")
     where.add_argument("--device", choices=("cpu",), help="profile on the CPU instead")
-    p.add_argument("--model", default="gpt2-tiny", help="a known model name or a local checkpoint folder")
+    p.add_argument("--model", default="gpt2-tiny",
+                   help="a known model name, a local checkpoint folder, or a folder holding only a "
+                        "config.json (random weights)")
     p.add_argument("--modes", help=f"comma-separated modes (default: {DEFAULT_MODES['cpu']} on CPU, "
                                    f"{DEFAULT_MODES['cuda']} on CUDA)")
     add_threads_argument(p)

@@ -1,7 +1,8 @@
 """Known architectures, built from their configs with random weights (no downloads).
 
 A forward pass costs the same whatever the weights are, so a random-weight model measures the
-real cost. Sizes are those of each model's public card. A local checkpoint folder works too.
+real cost. Sizes are those of each model's public card. A local checkpoint folder works too, and
+so does a folder holding only a model's config.json (copied from its card): random weights again.
 """
 
 from __future__ import annotations
@@ -74,11 +75,27 @@ def build(spec: ModelSpec | Path, dtype, device, quiet: bool = False):
 
     with torch.device(device):
         if isinstance(spec, Path):
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            model = _from_folder(spec, dtype)
         else:
             config = AutoConfig.for_model(spec.family, **spec.config)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.to(device).eval()
+
+
+def _from_folder(path: Path, dtype):
+    """A checkpoint's model; from its config.json alone, with random weights, if it holds none."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    weights = any((path / n).exists() for n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
+                                                 WEIGHTS_INDEX_NAME))
+    try:
+        if weights:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' words for a config it cannot build
+        raise InputError(f"model checkpoint '{path}': cannot build a model from it: "
+                         f"{str(e).strip().splitlines()[0]}") from None
 
 
 def max_positions(model) -> int:

@@ -109,6 +109,23 @@ def test_a_checkpoints_profile_names_the_folder_the_live_engine_rebuilds_it_from
         lookup("/nowhere/ckpt")  # the profile read on a machine without the checkpoint
 
 
+def test_a_folder_holding_only_a_config_builds_that_model_with_random_weights(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig
+
+    from profiler.models import build, lookup
+    from sim.errors import InputError
+
+    LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=128, vocab_size=256).save_pretrained(tmp_path / "card")  # config.json alone
+    assert [p.name for p in (tmp_path / "card").iterdir()] == ["config.json"]
+    model = build(lookup(str(tmp_path / "card")), torch.float32, torch.device("cpu"))
+    assert model.config.hidden_size == 64 and model.config.model_type == "llama"
+    (tmp_path / "card" / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(InputError, match="cannot build a model from it: .*no-such-architecture"):
+        build(lookup(str(tmp_path / "card")), torch.float32, torch.device("cpu"))
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, raised as inductor loads
 def test_a_compiled_mode_fails_rather_than_timing_eager_passes_past_its_graph_limit(monkeypatch):
     """Past its graph limit dynamo runs a function eagerly, so a -compiled profile would time eager
