@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from profiler.models import max_positions
 from sim.request import Request
 from sim.scheduler import ContinuousScheduler, Step
 from sim.simulator import Outcome
@@ -57,8 +58,10 @@ class LiveEngine:
         return torch.randint(0, self.vocab, (b, n), device=self.device)
 
     def warm_up(self) -> None:
+        window = max_positions(self.model)
         with torch.inference_mode():
             for b, n in ((1, 16), (2, 64), (4, 128)):
+                n = min(n, window - 1)  # and a decode after it: a model of 128 positions has no 129th
                 out = self.model(input_ids=self._ids(b, n), use_cache=True, logits_to_keep=1)
                 self.model(input_ids=self._ids(b, 1), cache=out.cache, use_cache=True)
         self.sync()
@@ -194,6 +197,8 @@ def run_live(engine: LiveEngine, scheduler, trace: Trace) -> LiveRun:
             scheduler.close()
         step = scheduler.schedule(now)
         if step is None:
+            if done == n:  # the last arrivals were turned away (too long for the cache or the window)
+                break
             wake = min(times[released] if released < n else math.inf, scheduler.wake_at)
             assert wake < math.inf, "scheduler idle with requests outstanding"
             time.sleep(max(wake - (time.perf_counter() - start), 0.0))

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from sim.simulator import REJECT_REASONS
+
 # The CPU of a shared 2-core VM: two identical live runs differ by up to ~25% at times, and the
 # README's full matrix shows errors of that order. The bounds are set to what was measured, not to
 # a hope. At run speed (the device's speed during the runs taken out) the simulator's own error is
@@ -153,6 +155,30 @@ def test_live_engine_runs_every_policy_and_forces_output_lengths(engine):
         assert np.isfinite(out.finished_at).all()
         assert (out.first_token_at >= out.scheduled_at).all() and (out.finished_at >= out.first_token_at).all()
         assert engine.batch is None  # every row left the cache
+
+
+def test_a_live_run_whose_last_arrival_is_turned_away_ends(engine):
+    # It stopped on "scheduler idle with requests outstanding" when the last request was rejected.
+    import numpy as np
+
+    from profiler.live_engine import run_live
+    from sim.scheduler import ContinuousScheduler
+    from sim.workload import Trace
+
+    out = run_live(engine, ContinuousScheduler(4, 64, 100, padded=True),  # 100 tokens of KV cache
+                   Trace(np.array([0.0, 0.05]), np.array([8, 200]), np.array([3, 3]))).outcome
+    assert np.isfinite(out.finished_at[0]) and out.rejected.tolist() == [0, REJECT_REASONS.index("kv_cache_too_small")]
+
+
+def test_the_live_engine_warms_up_within_a_short_context_window():
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from profiler.live_engine import LiveEngine
+
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                                        n_positions=64)).eval()
+    LiveEngine(model, torch.device("cpu")).warm_up()  # it prefilled 128 tokens: "index out of range"
 
 
 def test_a_live_step_is_idle_only_after_the_engine_waited_for_work(engine):
