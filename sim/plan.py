@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from sim.cli_util import count, parser, run_command
 from sim.errors import InputError
-from sim.fields import Fields, read_yaml
+from sim.fields import Fields, read_yaml, show
 
 EPILOG = """
 examples:
@@ -72,7 +72,7 @@ class Plan:
 def _label(key: str, value: Any) -> str:
     if isinstance(value, dict):  # e.g. a batching policy: its values, tersely
         return " ".join(str(v) if k == "policy" else f"{k}={v}" for k, v in value.items())
-    return f"{key.split('.')[-1]}={value}"
+    return f"{key.split('.')[-1]}={value if isinstance(value, str) else show(value)}"  # a long list by its start
 
 
 def load_plan(path: Path, overrides: list[str] = ()) -> Plan:

@@ -206,3 +206,14 @@ def test_a_killed_plan_takes_its_workers_with_it(tmp_path, write_profile):
     while any(os.path.exists(f"/proc/{pid}") for pid in pool) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pool)
+
+
+def test_a_long_wrong_search_value_is_named_by_its_start(tmp_path, write_profile):
+    from sim.errors import InputError
+    from sim.plan import load_plan
+
+    path = write_plan(tmp_path, write_profile(), {"search": {"deployment.replicas": [[1] * 10_000]}})
+    with pytest.raises(InputError) as e:
+        load_plan(path)
+    assert "[replicas=[1, 1, 1, 1, 1, 1, ...]]: deployment.replicas: expected a number" in str(e.value)
+    assert len(str(e.value)) < 300  # the label held all 10,000 values
