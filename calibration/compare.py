@@ -118,6 +118,10 @@ def table(result: dict) -> str:
                          f"{pct(at_speed['error']):>9}")
         lines.append(f"{case['load']:<9}offered {case['offered_rps']:.2f} req/s: {case['realized_load']:.0%} of the "
                      "saturation priced by the sweeps around the runs")
+        if case.get("rejected"):  # absent from validations written before it was recorded
+            reasons = ", ".join(f"{k} {v:,}" for k, v in case["rejected"].items())
+            lines.append(f"{case['load']:<9}turned away {sum(case['rejected'].values()):,} of {case['requests']:,} "
+                         f"requests, live and simulated ({reasons}): the figures are of the rest")
         overhead = case["engine_overhead_s"]
         runs = ", ".join(f"{v:.3f}" for v in case["device_speed_per_run"])
         sweeps = ", ".join(f"{v:.3f}" for v in case["sweep_levels"])

@@ -359,7 +359,11 @@ def run_load(rig: Rig, load: float | None, runs: int, around: float | None) -> t
     # The load the runs really met: the offered rate over the saturation priced by the sweeps
     # around them, the profile that prices the simulation.
     around = saturation_rps(scenario, fresh, rig.base)
+    # Turned away on arrival (too long for the cache or the window), by the same scheduler live and
+    # simulated, whatever the timing: every figure is of the rest.
+    rejected = live_frames[0]["rejected"]
     case = {"load": label, "offered_rps": workload.offered_rate(trace), "requests": len(trace),
+            "rejected": {str(k): int(v) for k, v in rejected[rejected != ""].value_counts().sort_index().items()},
             "saturation_rps": capacity, "realized_load": workload.offered_rate(trace) / around,
             "device_speed": device_speed(steps), "device_speed_per_run": [device_speed(run) for run in by_run],
             "device_speed_by_kind": by_kind,

@@ -36,7 +36,9 @@ def write_validation_report(result: dict, requests: pd.DataFrame, steps: pd.Data
                          pct(at_speed["error"])])
     runs = lambda case: ", ".join(f"{v:.3f}" for v in case["device_speed_per_run"])  # noqa: E731
     sweeps = lambda case: ", ".join(f"{v:.3f}" for v in case["sweep_levels"])  # noqa: E731
-    device = [[case["load"], f"{case['offered_rps']:.2f} req/s ({case['realized_load']:.0%})",
+    turned_away = lambda case: (f"; {sum(case['rejected'].values()):,} of {case['requests']:,} requests turned "  # noqa: E731
+                                "away, live and simulated" if case.get("rejected") else "")
+    device = [[case["load"], f"{case['offered_rps']:.2f} req/s ({case['realized_load']:.0%}{turned_away(case)})",
                f"{case['device_speed']:.3f} ({runs(case)}; prefill {case['device_speed_by_kind']['prefill']:.3f}, "
                f"decode {case['device_speed_by_kind']['decode']:.3f})", sweeps(case),
                f"{case['engine_overhead_s']['profile'] * 1000:.2f} ms",

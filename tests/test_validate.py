@@ -24,7 +24,7 @@ SMALL = ["--set", "workload.prompt_tokens={kind: uniform, low: 8, high: 16}",
 def test_small_cpu_validation_is_within_an_honest_bound(validation_run):
     result = json.loads((validation_run / "validation.json").read_text())
     (case,) = result["cases"]
-    assert case["requests"] == 40 and len(case["live"]) == 2
+    assert case["requests"] == 40 and len(case["live"]) == 2 and case["rejected"] == {}
     for which, bound in BOUNDS.items():
         for key in ("ttft_s.p50", "e2e_s.p50", "throughput_rps"):
             assert abs(case[which][key]["error"]) <= bound, (which, key, case[which][key])
@@ -196,6 +196,17 @@ def test_a_live_step_is_idle_only_after_the_engine_waited_for_work(engine):
     assert [s.prefill_seqs for s in run.steps] == [1, 0, 0, 1, 0, 0]
     assert run.idle_s[0] == np.inf and run.idle_s[3] > 0  # the engine waited before each prefill
     assert (run.idle_s[[1, 2, 4, 5]] == 0).all()
+
+
+def test_the_table_says_how_many_requests_were_turned_away():
+    from calibration.compare import table
+    from conftest import ROOT
+
+    result = json.loads((ROOT / "calibration/validation/cpu-gpt2-tiny/steady-continuous/validation.json").read_text())
+    assert "turned away" not in table(result)  # a validation with none (or written before they were counted)
+    result["cases"][0]["rejected"] = {"exceeds_context_window": 3, "kv_cache_too_small": 1}
+    assert (f"{result['cases'][0]['load']:<9}turned away 4 of 120 requests, live and simulated "
+            "(exceeds_context_window 3, kv_cache_too_small 1): the figures are of the rest") in table(result)
 
 
 def test_summary_counts_the_targeted_figures_within_ten_percent():
