@@ -184,15 +184,11 @@ class HeldOut:
 class EngineOverhead:
     """Seconds a serving step spends outside the model: a fixed part, a part per row of the batch
     (Python bookkeeping per request), and the KV-cache bytes a padded cache copies to add or drop
-    rows: at the rate the floods fit, or, for a copy bigger than a CPU's last-level cache, at
-    twice the inverse of the device's measured memcpy rate (a padded reshuffle moves each byte
-    twice, and such a copy streams from memory)."""
+    rows."""
 
     step_s: float = 0.0
     row_s: float = 0.0
     copy_s_per_byte: float = 0.0
-    cache_bytes: float = math.inf
-    streamed_copy_s_per_byte: float = 0.0
 
     @classmethod
     def fit(cls, profile: Profile) -> EngineOverhead:
@@ -201,47 +197,23 @@ class EngineOverhead:
         The engine's loop is the same whatever the mode, so the modes pool their steps, with
         copies in bytes. The mean, not a robust fit: a run pays its slow steps too. On this
         project's CPU the floods priced a copied byte 1.5-1.6x what the device's memcpy rate
-        does: the padded concatenation copies twice, and small copies pay per call.
-
-        The floods' copies (8 short requests: at most ~10 MB on gpt2-tiny) stay in a CPU's cache;
-        a live burst's reach tens of MB: in one matrix those ran 1.23x the fitted price, and over
-        two matrices 0.91-1.17x twice the inverse memcpy rate (calibration/validation/NOTES.md,
-        "Large cache copies")."""
-        streamed = cls._streamed(profile)
+        does: the padded concatenation copies twice, and small copies pay per call."""
         floods = [(m.flood, m.kv_bytes_per_token) for m in profile.modes.values() if m.flood is not None]
         if not floods:
-            return cls(**streamed)
-        copied = np.concatenate([f.reshuffle_tokens * kv_bytes for f, kv_bytes in floods])
-        big = copied > streamed.get("cache_bytes", math.inf)  # priced at the memcpy rate, not fitted
-        a = np.concatenate([np.stack([np.ones_like(f.forward_s), f.prefill_seqs + f.decode_seqs], axis=1)
-                            for f, _ in floods])
-        a = np.column_stack([a, np.where(big, 0.0, copied)])
-        y = np.concatenate([f.overhead_s for f, _ in floods]) - np.where(
-            big, copied * streamed.get("streamed_copy_s_per_byte", 0.0), 0.0)
+            return cls()
+        a = np.concatenate([np.stack([np.ones_like(f.forward_s), f.prefill_seqs + f.decode_seqs,
+                                      f.reshuffle_tokens * kv_bytes], axis=1) for f, kv_bytes in floods])
+        y = np.concatenate([f.overhead_s for f, _ in floods])
         scale = a.max(axis=0)
         scale[scale == 0] = 1.0
-        step_s, row_s, copy_s_per_byte = (float(c) for c in nnls(a / scale, y) / scale)
-        return cls(step_s, row_s, copy_s_per_byte, **streamed)
-
-    @staticmethod
-    def _streamed(profile: Profile) -> dict:
-        """The price of a copy past the cache, where the profile measured both (a CPU's)."""
-        if profile.cache_bytes is None or profile.copy_bytes_per_s is None:
-            return {}
-        return {"cache_bytes": float(profile.cache_bytes), "streamed_copy_s_per_byte": 2 / profile.copy_bytes_per_s}
-
-    def copy_time(self, copied_bytes: float) -> float:
-        rate = self.streamed_copy_s_per_byte if copied_bytes > self.cache_bytes else self.copy_s_per_byte
-        return copied_bytes * rate
+        coef = nnls(a / scale, y)
+        return cls(*(float(c) for c in coef / scale))
 
     def __str__(self) -> str:
         if self == EngineOverhead():
             return "none priced (no calibration floods: they need a KV-cache mode)"
-        gbs = lambda s_per_byte: 1e-9 / s_per_byte if s_per_byte else math.inf  # noqa: E731
-        streamed = (f" ({gbs(self.streamed_copy_s_per_byte):.1f} GB/s past the {self.cache_bytes / 2**20:.0f} MiB "
-                    "cache)" if self.streamed_copy_s_per_byte else "")
         return (f"{self.step_s * 1e3:.3f} ms/step + {self.row_s * 1e6:.1f} us/row + "
-                f"copies at {gbs(self.copy_s_per_byte):.1f} GB/s{streamed}")
+                f"copies at {1e-9 / self.copy_s_per_byte if self.copy_s_per_byte else math.inf:.1f} GB/s")
 
 
 class CostModel:
@@ -250,7 +222,7 @@ class CostModel:
     def __init__(self, mode: Mode, overhead: EngineOverhead = EngineOverhead()):
         self.mode = mode
         self.overhead = overhead
-        self._kv_bytes = mode.kv_bytes_per_token
+        self._copy_s_per_token = overhead.copy_s_per_byte * mode.kv_bytes_per_token
         self.prefill = Surface(mode.prefill, quadratic=True)
         self.decode = Surface(mode.decode, quadratic=not mode.kv_cache)
         after = mode.after_prefill
@@ -355,7 +327,7 @@ class CostModel:
         """Seconds of one Step outside the model."""
         o = self.overhead
         return (o.step_s + (step.prefill_seqs + step.decode_seqs) * o.row_s
-                + o.copy_time(step.reshuffle_tokens * self._kv_bytes))
+                + step.reshuffle_tokens * self._copy_s_per_token)
 
     def step_time(self, step) -> float:
         """Seconds of one Step: the forward pass and the engine's time around it."""

@@ -100,8 +100,6 @@ class Profile:
     max_context: float  # the model's context window in tokens (inf where its config names none)
     modes: dict[str, Mode]
     raw: dict[str, Any]
-    copy_bytes_per_s: float | None = None  # the device's measured memcpy rate (read + write)
-    cache_bytes: int | None = None  # a CPU's last-level cache, past which a copy streams from memory
 
     def mode(self, name: str, where: str) -> Mode:
         if name not in self.modes:
@@ -283,9 +281,8 @@ def parse(data: Any, path: str) -> Profile:
         max_context=_max_context(model),
         modes=modes,
         raw=data,
-        copy_bytes_per_s=device.num("copy_bytes_per_s", None, positive=True),
-        cache_bytes=device.num("cache_bytes", None, positive=True, integer=True),
     )
+    device.num("copy_bytes_per_s", None, positive=True)  # a ceiling the report draws
     for key in ("created_at", "command", "grid", "servesim_version"):
         top.raw(key, None)
     top.done()

@@ -113,22 +113,8 @@ def device_info(device) -> dict:
         except (OSError, StopIteration):
             pass
         info.update(name=name, memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-                    threads=torch.get_num_threads(), cache_bytes=last_level_cache_bytes())
+                    threads=torch.get_num_threads())
     return info
-
-
-def last_level_cache_bytes() -> int | None:
-    """The CPU's largest cache, from Linux's sysfs (None elsewhere): a padded cache copy bigger
-    than it streams from memory, at the measured memcpy rate (EngineOverhead)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip()  # "32768K"
-            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
-        except (OSError, ValueError, IndexError):
-            continue
-    return max(sizes, default=None)
 
 
 def within_window(spec, model):

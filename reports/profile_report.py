@@ -111,9 +111,7 @@ def write_report(profile: Profile, path: Path) -> None:
     ]
     roof, roof_rows = _roofline(profile)
     sections += ["<h2>Roofline</h2>",
-                 f"<p>Measured ceilings: copy {d.get('copy_bytes_per_s', 0) / 1e9:,.0f} GB/s (read + write)"
-                 + (f"; last-level cache {d['cache_bytes'] / 2**20:,.0f} MiB, past which the engine's cache copies "
-                    "are priced from this copy rate (each byte moved twice)" if d.get("cache_bytes") else "") + ".</p>",
+                 f"<p>Measured ceilings: copy {d.get('copy_bytes_per_s', 0) / 1e9:,.0f} GB/s (read + write).</p>",
                  table(["mode", "limit", "best achieved"], roof_rows), figure(roof, "roofline")]
     memory = _memory(profile)
     if memory is not None:

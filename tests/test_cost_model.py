@@ -86,31 +86,6 @@ def test_engine_overhead_is_fitted_from_every_modes_flood_steps():
         assert got == pytest.approx(want, rel=1e-6)
 
 
-def test_a_copy_past_a_cpus_cache_is_priced_from_the_measured_memcpy_rate():
-    """A padded reshuffle moves each byte twice; past the last-level cache it streams from memory,
-    where live copies of 60 MB ran at twice the inverse memcpy rate and 1.23x the floods' fit."""
-    truth = EngineOverhead(3e-4, 2e-5, 1e-10)
-    steps = [Step(prefill_seqs=8, prefill_len=100), Step(decode_seqs=8, decode_context=800),
-             Step(decode_seqs=5, decode_context=600, reshuffle_tokens=600), Step(decode_seqs=1, decode_context=90),
-             Step(decode_seqs=3, decode_context=300, reshuffle_tokens=300), Step(decode_seqs=8, decode_context=4000, reshuffle_tokens=5000)]
-    raw = synthetic_profile(kv_bytes_per_token=1000)
-    raw["device"] |= {"copy_bytes_per_s": 1e10, "cache_bytes": 2_000_000}  # 2 MB: the last step's copy is past it
-    streamed = 2 / 1e10
-    overhead = [truth.step_s + (s.prefill_seqs + s.decode_seqs) * truth.row_s
-                + s.reshuffle_tokens * 1000 * (streamed if s.reshuffle_tokens * 1000 > 2e6 else 1e-10) for s in steps]
-    raw["modes"]["fp16"]["flood"] = flood_section(steps, [0.01] * len(steps), overhead)
-    fit = EngineOverhead.fit(parse(raw, "synthetic"))  # the streamed copy neither fits nor bends the fit
-    assert (fit.step_s, fit.row_s, fit.copy_s_per_byte) == pytest.approx((3e-4, 2e-5, 1e-10), rel=1e-6)
-    assert fit.copy_time(1_999_000) == pytest.approx(1_999_000 * 1e-10)
-    assert fit.copy_time(5_000_000) == pytest.approx(5_000_000 * streamed)
-    cm = CostModel(parse(raw, "synthetic").modes["fp16"], fit)
-    assert cm.overhead_time(steps[-1]) == pytest.approx(overhead[-1])
-    # A profile that names no cache (a GPU's, or one measured before it was recorded) prices as fitted.
-    del raw["device"]["cache_bytes"]
-    one_rate = EngineOverhead.fit(parse(raw, "synthetic"))
-    assert one_rate.copy_time(5_000_000) == pytest.approx(5_000_000 * one_rate.copy_s_per_byte)
-
-
 def test_wake_penalty_interpolates_between_measured_gaps():
     mode = parse(synthetic_profile(wake=((0.001, 0.01, 0.1), (0.0005, 0.002, 0.003))), "synthetic").modes["fp16"]
     cm = CostModel(mode)
