@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +37,30 @@ def _stop_writing(path: Path, e: BaseException) -> None:
         raise DiskFull(path, e.strerror) from None
 
 
+# Signals whose default action kills at once, without unwinding: a timeout's or a job scheduler's
+# SIGTERM, a closed terminal's SIGHUP.
+_HELD = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def _finish_before_dying() -> Iterator[None]:
+    """Hold a SIGTERM or SIGHUP while a write is done or undone, then let it act. Acting at once it
+    left the temporary twin beside its target, and between the two renames that replace a results
+    folder, no results folder at all. Writing takes seconds, so the wait is short."""
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in _HELD}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -45,20 +71,21 @@ def write_atomic(path: str | Path, text: str) -> None:
     """Write a text file by renaming a finished temporary file over it."""
     path = Path(path)
     check_writable(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise InputError(f"{path}: cannot write a file here: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        _stop_writing(path, e)
-        raise
+    with _finish_before_dying():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise InputError(f"{path}: cannot write a file here: {e.strerror}") from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+            os.replace(tmp, path)
+        except BaseException as e:
+            Path(tmp).unlink(missing_ok=True)
+            _stop_writing(path, e)
+            raise
 
 
 def _check_ancestor(path: Path) -> None:
@@ -100,24 +127,25 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it replaces `path` whole, on error it vanishes."""
     path = Path(path)
     check_replaceable(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    except OSError as e:
-        raise InputError(f"{path}: cannot write a results folder here: {e.strerror}") from None
-    os.chmod(tmp, 0o777 & ~_umask())
-    try:
-        yield tmp
-        (tmp / MARK).write_text("servesim results: the next run writing here replaces this folder whole\n",
-                                encoding="utf-8")
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _stop_writing(path, e)
-        raise
+    with _finish_before_dying():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        except OSError as e:
+            raise InputError(f"{path}: cannot write a results folder here: {e.strerror}") from None
+        os.chmod(tmp, 0o777 & ~_umask())
+        try:
+            yield tmp
+            (tmp / MARK).write_text("servesim results: the next run writing here replaces this folder whole\n",
+                                    encoding="utf-8")
+            if path.exists():
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+                os.replace(path, old / "x")
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _stop_writing(path, e)
+            raise

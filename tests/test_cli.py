@@ -304,6 +304,45 @@ def test_a_write_cut_short_by_a_full_disk_is_one_line_and_leaves_nothing(tmp_pat
     assert list(tmp_path.iterdir()) == []  # nor the temporary folder it was filling
 
 
+@pytest.mark.parametrize("what", ["results folder", "file"])
+def test_a_kill_while_writing_waits_for_the_write(tmp_path, what):
+    """A timeout's SIGTERM landing mid-write killed at once: it left the temporary twin beside the
+    target and, between the two renames that replace a results folder, no results folder at all."""
+    import signal
+
+    from sim.files import atomic_folder, write_atomic
+
+    out = tmp_path / "o"
+    if what == "file":
+        write_atomic(out, "old\n")
+    else:
+        with atomic_folder(out) as tmp:
+            (tmp / "a.csv").write_text("old\n")
+    script = f"""
+import os, signal
+from pathlib import Path
+from sim.files import atomic_folder, write_atomic
+
+replace = os.replace
+out = Path({str(out)!r})
+def killed_on_the_way(a, b):  # the signal lands just before the rename onto the target
+    if Path(b) == out:
+        os.kill(os.getpid(), signal.SIGTERM)
+    replace(a, b)
+os.replace = killed_on_the_way
+if {what == "file"}:
+    write_atomic(out, "new\\n")
+else:
+    with atomic_folder(out) as tmp:
+        (tmp / "a.csv").write_text("new\\n")
+print("survived the signal")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == -signal.SIGTERM and proc.stdout == "", proc.stderr  # it still dies, after the write
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]
+    assert (out if what == "file" else out / "a.csv").read_text() == "new\n"
+
+
 def test_an_unwritable_out_fails_before_the_work():
     # before minutes of profiling, not after them; /proc refuses a new file even to root
     assert_one_line_error(run("profiler.cli", "--device", "cpu", "--model", "gpt2-tiny", "--out", "/proc/p.json"),
