@@ -229,7 +229,8 @@ def calibration_flood(engine: LiveEngine) -> LiveRun:
     loop kept busy. Its steps show what the loop costs outside the model (EngineOverhead)."""
     rng = np.random.default_rng(0)
     requests = 8
-    trace = Trace(np.zeros(requests), rng.integers(16, 128, requests), rng.integers(8, 32, requests))
+    longest = min(128, max_positions(engine.model) - 32)  # a prompt and 31 tokens after it fit the window
+    trace = Trace(np.zeros(requests), rng.integers(16, longest, requests), rng.integers(8, 32, requests))
     room = float(trace.prompt_tokens.sum() + trace.output_tokens.sum())  # every request fits at once
     scheduler = ContinuousScheduler(max_num_seqs=8, max_batched_tokens=1024, kv_capacity=room, padded=True)
     return run_live(engine, scheduler, trace)

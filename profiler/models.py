@@ -90,12 +90,21 @@ def _from_folder(path: Path, dtype):
     weights = any((path / n).exists() for n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
                                                  WEIGHTS_INDEX_NAME))
     try:
-        if weights:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        model = (AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if weights
+                 else AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype))
     except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' words for a config it cannot build
         raise InputError(f"model checkpoint '{path}': cannot build a model from it: "
                          f"{str(e).strip().splitlines()[0]}") from None
+    if max_positions(model) < MIN_WINDOW:
+        raise InputError(f"model checkpoint '{path}': config.json: a context window of {max_positions(model)} "
+                         f"positions; profiling needs at least {MIN_WINDOW} (the calibration floods' requests)")
+    return model
+
+
+# The shortest context window `profile` measures in: a calibration flood's prompts are 16 tokens
+# or more, with up to 31 after them (profiler.live_engine.calibration_flood). Every known model's
+# window is far longer.
+MIN_WINDOW = 64
 
 
 def max_positions(model) -> int:

@@ -124,6 +124,10 @@ def test_a_folder_holding_only_a_config_builds_that_model_with_random_weights(tm
     (tmp_path / "card" / "config.json").write_text('{"model_type": "no-such-architecture"}')
     with pytest.raises(InputError, match="cannot build a model from it: .*no-such-architecture"):
         build(lookup(str(tmp_path / "card")), torch.float32, torch.device("cpu"))
+    LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=128, vocab_size=256, max_position_embeddings=40).save_pretrained(tmp_path / "card")
+    with pytest.raises(InputError, match="config.json: a context window of 40 positions; profiling needs at least 64"):
+        build(lookup(str(tmp_path / "card")), torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, raised as inductor loads

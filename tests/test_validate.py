@@ -170,15 +170,19 @@ def test_a_live_run_whose_last_arrival_is_turned_away_ends(engine):
     assert np.isfinite(out.finished_at[0]) and out.rejected.tolist() == [0, REJECT_REASONS.index("kv_cache_too_small")]
 
 
-def test_the_live_engine_warms_up_within_a_short_context_window():
+def test_the_live_engine_warms_up_and_floods_within_a_short_context_window():
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from profiler.live_engine import LiveEngine
+    from profiler.live_engine import LiveEngine, calibration_flood
+    from profiler.models import MIN_WINDOW
 
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
-                                                        n_positions=64)).eval()
-    LiveEngine(model, torch.device("cpu")).warm_up()  # it prefilled 128 tokens: "index out of range"
+                                                        n_positions=MIN_WINDOW)).eval()
+    engine = LiveEngine(model, torch.device("cpu"))
+    engine.warm_up()  # it prefilled 128 tokens: "index out of range"
+    run = calibration_flood(engine)  # its prompts ran to 127 tokens: the same
+    assert not run.outcome.rejected.any() and all(t < float("inf") for t in run.outcome.finished_at)
 
 
 def test_a_live_step_is_idle_only_after_the_engine_waited_for_work(engine):
