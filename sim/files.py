@@ -37,16 +37,17 @@ def _stop_writing(path: Path, e: BaseException) -> None:
         raise DiskFull(path, e.strerror) from None
 
 
-# Signals whose default action kills at once, without unwinding: a timeout's or a job scheduler's
-# SIGTERM, a closed terminal's SIGHUP.
-_HELD = (signal.SIGTERM, signal.SIGHUP)
+# Signals that stop a command: a timeout's or a job scheduler's SIGTERM and a closed terminal's
+# SIGHUP kill at once, without unwinding; Ctrl-C's SIGINT raises KeyboardInterrupt where it lands.
+_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
 def _finish_before_dying() -> Iterator[None]:
-    """Hold a SIGTERM or SIGHUP while a write is done or undone, then let it act. Acting at once it
-    left the temporary twin beside its target, and between the two renames that replace a results
-    folder, no results folder at all. Writing takes seconds, so the wait is short."""
+    """Hold a stopping signal while a write is done or undone, then let it act. Acting at once, a
+    kill left the temporary twin beside its target, and between the two renames that replace a
+    results folder either signal left no results folder at all, the old one moved aside. Writing
+    takes seconds, so the wait is short."""
     if threading.current_thread() is not threading.main_thread():  # only it may set handlers
         yield
         return

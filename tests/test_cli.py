@@ -305,9 +305,11 @@ def test_a_write_cut_short_by_a_full_disk_is_one_line_and_leaves_nothing(tmp_pat
 
 
 @pytest.mark.parametrize("what", ["results folder", "file"])
-def test_a_kill_while_writing_waits_for_the_write(tmp_path, what):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stop_while_writing_waits_for_the_write(tmp_path, what, stop):
     """A timeout's SIGTERM landing mid-write killed at once: it left the temporary twin beside the
-    target and, between the two renames that replace a results folder, no results folder at all."""
+    target. Between the two renames that replace a results folder, it or a Ctrl-C left no results
+    folder at all (the KeyboardInterrupt's cleanup removed the new one, the old one moved aside)."""
     import signal
 
     from sim.files import atomic_folder, write_atomic
@@ -327,7 +329,7 @@ replace = os.replace
 out = Path({str(out)!r})
 def killed_on_the_way(a, b):  # the signal lands just before the rename onto the target
     if Path(b) == out:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.{stop})
     replace(a, b)
 os.replace = killed_on_the_way
 if {what == "file"}:
@@ -338,7 +340,7 @@ else:
 print("survived the signal")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert proc.returncode == -signal.SIGTERM and proc.stdout == "", proc.stderr  # it still dies, after the write
+    assert proc.returncode == -getattr(signal, stop) and proc.stdout == "", proc.stderr  # it still stops, after the write
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
     assert (out if what == "file" else out / "a.csv").read_text() == "new\n"
 
