@@ -69,10 +69,21 @@ class Plan:
     max_replicas: int
 
 
+def _word(value: Any) -> str:
+    """A search value in a label: as YAML spells it (a bare string, true, null), a long one by its
+    start (a label names its configuration in every message about it)."""
+    if isinstance(value, str):
+        return value if len(value) <= 60 else value[:60] + "..."
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return show(value)
+
+
 def _label(key: str, value: Any) -> str:
     if isinstance(value, dict):  # e.g. a batching policy: its values, tersely
-        return " ".join(str(v) if k == "policy" else f"{k}={v}" for k, v in value.items())
-    return f"{key.split('.')[-1]}={value if isinstance(value, str) else show(value)}"  # a long list by its start
+        words = [_word(v) if k == "policy" else f"{_word(k)}={_word(v)}" for k, v in list(value.items())[:12]]
+        return " ".join(words + ["..."] * (len(value) > 12))
+    return f"{key.split('.')[-1]}={_word(value)}"
 
 
 def load_plan(path: Path, overrides: list[str] = ()) -> Plan:

@@ -217,3 +217,9 @@ def test_a_long_wrong_search_value_is_named_by_its_start(tmp_path, write_profile
         load_plan(path)
     assert "[replicas=[1, 1, 1, 1, 1, 1, ...]]: deployment.replicas: expected a number" in str(e.value)
     assert len(str(e.value)) < 300  # the label held all 10,000 values
+    path = write_plan(tmp_path, write_profile(), {"search": {"deployment.batching": [
+        {"policy": "continuous", "max_num_seqs": [1] * 10_000, "chunked_prefill": True}]}})
+    with pytest.raises(InputError) as e:  # a value inside a searched mapping, too
+        load_plan(path)
+    assert "chunked_prefill=true max_num_seqs=[1, 1, 1, 1, 1, 1, ...] continuous]: " in str(e.value)  # as YAML spells it
+    assert len(str(e.value)) < 300
