@@ -135,8 +135,8 @@ def load(path: str | Path) -> Profile:
             data = json.load(f)
     except OSError as e:
         raise InputError(f"{path}: cannot read profile: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not a profile: invalid JSON ({e})") from None
+    except ValueError as e:  # not JSON, not UTF-8, or a number past Python's 4,300 digits
+        raise InputError(f"{path}: not a profile: invalid JSON ({str(e).split(';')[0]})") from None
     except RecursionError:
         raise InputError(f"{path}: not a profile: JSON nested too deeply") from None
     return parse(data, path)
@@ -231,7 +231,7 @@ def parse(data: Any, path: str) -> Profile:
     top = Fields(data, path)
     version = top.raw("schema_version")
     if version != SCHEMA_VERSION:
-        top.fail(f"is {version!r}; this servesim reads version {SCHEMA_VERSION} (re-run `profile`)",
+        top.fail(f"is {show(version)}; this servesim reads version {SCHEMA_VERSION} (re-run `profile`)",
                  "schema_version")
     device = top.section("device", required=True)
     model = top.section("model", required=True)

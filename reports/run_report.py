@@ -40,8 +40,8 @@ def _read_saved(folder: Path, name: str, parse):
         return parse(folder / name)
     except FileNotFoundError:
         raise InputError(f"{folder}: not a servesim results folder: {name} is missing") from None
-    except (json.JSONDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise InputError(f"{folder / name}: corrupt: {e}") from None
+    except ValueError as e:  # not JSON or CSV, not UTF-8, a cut-off row, a number past 4,300 digits
+        raise InputError(f"{folder / name}: corrupt: {str(e).split(';')[0]}") from None
     except RecursionError:
         raise InputError(f"{folder / name}: corrupt: nested too deeply") from None
 

@@ -40,12 +40,15 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
 
 
 def parse_yaml(text: str) -> Any:
-    """One YAML document (raises yaml.YAMLError, also for one nested past Python's recursion limit
-    or holding more than MAX_VALUES values once its aliases are expanded)."""
+    """One YAML document (raises yaml.YAMLError, also for one nested past Python's recursion limit,
+    holding a value YAML cannot construct, such as the date 2023-13-45, or holding more than
+    MAX_VALUES values once its aliases are expanded)."""
     try:
         data = yaml.load(text, Loader=_Loader)
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
+    except ValueError as e:  # a scalar that looks like a date, a number or a tag's type but is none
+        raise yaml.YAMLError(f"a value it cannot read: {str(e).split(';')[0]}") from None
     stack, seen = [data], 0
     while stack:  # counts an aliased node at every place it appears, as reading the values will
         node = stack.pop()
@@ -156,10 +159,10 @@ class Fields:
     def _check_num(self, value, key, low, high, positive, integer):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(f"expected a number, got {show(value)}", key)
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # an int may be past any float
             self.fail(f"must be finite, got {value!r}", key)
         if abs(value) > LARGEST:
-            self.fail(f"must be at most {LARGEST:g} in size, got {value!r}", key)
+            self.fail(f"must be at most {LARGEST:g} in size, got {show(value)}", key)
         if integer:
             if value != int(value):
                 self.fail(f"expected a whole number, got {value!r}", key)
@@ -173,10 +176,10 @@ class Fields:
         return value
 
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.read)
+        unknown = sorted(set(self.data) - self.read, key=str)  # YAML keys may be numbers or null too
         if unknown:
             allowed = ", ".join(sorted(self.read))
             # Which keys a section takes can hang on its policy or kind: name it, since changing it
             # alone (`--set autoscaler.policy=off`) leaves the old one's keys behind.
             selector = next((f" with {k} {self.strings[k]!r}" for k in ("policy", "kind") if k in self.strings), "")
-            self.fail(f"unknown key {unknown[0]!r}{selector} (allowed here: {allowed})")
+            self.fail(f"unknown key {show(unknown[0])}{selector} (allowed here: {allowed})")

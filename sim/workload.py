@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from sim.errors import InputError
-from sim.fields import LARGEST
+from sim.fields import LARGEST, show
 
 # The most requests one run may ask for: a million take ~60 s to simulate, and generating far more
 # would fill memory (or, for a bursty state, exceed what numpy can draw) before anything ran.
@@ -96,7 +96,7 @@ def read_trace(path: str | Path) -> Trace:
             i = int(np.argmax(bad))
             kind = "a time in seconds from 0" if col == time_col else f"a whole number from {minimum:g}"
             kind += f" to {LARGEST:g}"
-            raise InputError(f"{path}: line {i + 2}: column {col}: expected {kind}, got {frame[col].iloc[i]!r}")
+            raise InputError(f"{path}: line {i + 2}: column {col}: expected {kind}, got {show(frame[col].iloc[i])}")
         return values
 
     if TRACE_LAYOUTS[columns] == "timestamp":
@@ -106,7 +106,7 @@ def read_trace(path: str | Path) -> Trace:
         if stamps.isna().any():
             i = int(np.argmax(stamps.isna().to_numpy()))
             raise InputError(f"{path}: line {i + 2}: column {time_col}: "
-                             f"not an ISO 8601 timestamp: {frame[time_col].iloc[i]!r}")
+                             f"not an ISO 8601 timestamp: {show(frame[time_col].iloc[i])}")
         arrived = (stamps - stamps.min()).dt.total_seconds().to_numpy(float)
     else:
         arrived = numbers(time_col, 0)

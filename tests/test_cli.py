@@ -57,6 +57,9 @@ BAD_SCENARIOS = [
     # the keys a section takes hang on its policy: a policy changed alone leaves the old one's behind
     (lambda s: s.update(autoscaler={"policy": False, "interval_s": 5}),  # YAML 1.1 reads `off` as false
      "autoscaler: unknown key 'interval_s' with policy 'off' (allowed here: policy)"),
+    (lambda s: s["deployment"].update(replicas=10**3000),  # math.isfinite stopped on OverflowError
+     "deployment.replicas: must be at most 1e+18 in size, got 100000000000000000...0000000000000000000"),
+    (lambda s: s["deployment"].update({1: "x", None: "y"}), "deployment: unknown key 1"),  # sorting them: TypeError
     (lambda s: s["deployment"].update(replicas=0), "deployment.replicas: must be >= 1"),
     (lambda s: s["deployment"].update(replicas=10**6), "deployment.replicas: must be <= 100000"),  # filled memory
     # Both ran for ever: an autoscaler acting, and a monitor sampling, every 1e-12 s.
@@ -123,6 +126,13 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     laughs.write_text("workload:\n  - &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
         f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9)))
     assert_one_line_error(run("sim.cli", str(laughs)), "laughs.yaml: invalid YAML: holds more than 1,000,000 values")
+    # Values YAML cannot construct were a ValueError traceback: a date that is none, a number past
+    # Python's 4,300 digits.
+    for name, value, problem in (("date", "2023-13-45", "month must be in 1..12"),
+                                 ("digits", "1" + "0" * 5000, "Exceeds the limit (4300 digits)")):
+        bad = tmp_path / f"{name}.yaml"
+        bad.write_text(f"seed: {value}\n")
+        assert_one_line_error(run("sim.cli", str(bad)), f"{name}.yaml: invalid YAML: a value it cannot read: {problem}")
 
 
 def test_a_plan_and_a_scenario_each_name_the_command_that_runs_them(tmp_path):
@@ -151,6 +161,8 @@ def test_bad_trace_row_is_named_by_line_and_column(tmp_path, write_profile):
     ("0.0,10\n", "line 2: column num_decode_tokens: expected a whole number from 1 to 1e\\+18, got ''"),
     # int64 wrapped it, and recording the request stopped on OverflowError
     ("0.0,1e22,5\n", "line 2: column num_prefill_tokens: expected a whole number from 1 to 1e\\+18, got '1e22'"),
+    pytest.param("0.0," + "1" * 5000 + ",5\n", "got '1{27}\\.\\.\\.1{28}'$",
+                 id="a long value by its start"),  # not all 5,000 digits
 ])
 def test_a_trace_row_of_the_wrong_width_or_range_is_refused(tmp_path, rows, message):
     from sim.errors import InputError
@@ -166,6 +178,10 @@ def test_a_trace_row_of_the_wrong_width_or_range_is_refused(tmp_path, rows, mess
     ("{not json", "invalid JSON"),
     pytest.param("[" * 5000 + "]" * 5000, "JSON nested too deeply", id="nested-too-deeply"),  # was a traceback
     ('{"schema_version": 99}', "schema_version: is 99"),
+    pytest.param('{"schema_version": 1' + "0" * 5000 + "}", "invalid JSON (Exceeds the limit (4300 digits)",
+                 id="past 4,300 digits"),  # was a traceback
+    pytest.param('{"schema_version": 1' + "0" * 3000 + "}", "schema_version: is 100000000000000000...0000000000000000000; ",
+                 id="3,000 digits"),  # quoted whole
     (f'{{"schema_version": {SCHEMA_VERSION}, "name": "x"}}', "device: is required"),
     (json.dumps(synthetic_profile(model_config={"n_positions": "big"})),
      "model.config: the context window must be a positive integer, got 'big'"),
@@ -260,6 +276,7 @@ def test_report_names_the_results_file_that_is_missing_or_corrupt(tmp_path):
     good = {name: (out / name).read_bytes() for name in ("summary.json", "timeseries.csv", "requests.csv")}
     cut = good["requests.csv"][:300]  # mid-row: pandas would fill the row's missing cells with NaN
     for name, data, message in (("summary.json", b"{bad", "corrupt"), ("summary.json", b"[" * 5000, "nested too deeply"),
+                                ("summary.json", b"[1" + b"0" * 5000 + b"]", "corrupt: Exceeds the limit (4300 digits)"),
                                 ("timeseries.csv", b"", "corrupt"),
                                 ("requests.csv", cut, "corrupt: the last row is cut off")):
         (out / name).write_bytes(data)
