@@ -125,7 +125,7 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
     name = top.name("name", path.stem)
     top.done()
     if num_requests is not None:
-        scenario_mod.apply_overrides(base, [f"workload.num_requests={num_requests}"], file)
+        scenario_mod.set_value(base, "workload.num_requests", num_requests, f"{file}: num_requests")
 
     entries = []
     for i, item in enumerate(hardware or [None]):
@@ -150,7 +150,7 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
         raw = copy.deepcopy(base)
         overrides = dict(zip((k for k, _ in axes), combo)) | hw_set
         for key, value in overrides.items():
-            scenario_mod.apply_overrides(raw, [f"{key}={json.dumps(value)}"], file)
+            scenario_mod.set_value(raw, key, copy.deepcopy(value), f"{file}: {key}")
         if slo is not None:
             raw["slo"] = slo
         label = " ".join([hw_label] * bool(hw_label) + [_label(k, v) for k, v in zip((k for k, _ in axes), combo)])

@@ -323,25 +323,30 @@ def apply_overrides(data: Any, overrides: list[str], file: str) -> Any:
             value = parse_yaml(text)
         except yaml.YAMLError:
             raise InputError(f"--set {item!r}: the value is not valid YAML") from None
-        node, parts = data, key.split(".")
-        # A mapping may hold a dotted key of its own (a plan's `search: {deployment.replicas: ...}`),
-        # and a list is indexed by number (`hardware.0.usd_per_gpu_hour`).
-        while len(parts) > 1 and not (isinstance(node, dict) and ".".join(parts) in node):
-            part = parts.pop(0)
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            elif isinstance(node, dict) and isinstance(node.get(part, {}), (dict, list)):
-                node = node.setdefault(part, {})
-            else:
-                raise InputError(f"{file}: --set {key}: {part!r} is not a mapping or an index into a list")
-        last = ".".join(parts)
-        if isinstance(node, list):
-            if not (last.isdigit() and int(last) < len(node)):
-                raise InputError(f"{file}: --set {key}: {last!r} is not an index into its list")
-            node[int(last)] = value
-        else:
-            node[last] = value
+        set_value(data, key, value, f"{file}: --set {key}")
     return data
+
+
+def set_value(data: Any, key: str, value: Any, where: str) -> None:
+    """Set `value` at the dotted path `key` of `data`; `where` begins any error message."""
+    node, parts = data, key.split(".")
+    # A mapping may hold a dotted key of its own (a plan's `search: {deployment.replicas: ...}`),
+    # and a list is indexed by number (`hardware.0.usd_per_gpu_hour`).
+    while len(parts) > 1 and not (isinstance(node, dict) and ".".join(parts) in node):
+        part = parts.pop(0)
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and isinstance(node.get(part, {}), (dict, list)):
+            node = node.setdefault(part, {})
+        else:
+            raise InputError(f"{where}: {part!r} is not a mapping or an index into a list")
+    last = ".".join(parts)
+    if isinstance(node, list):
+        if not (last.isdigit() and int(last) < len(node)):
+            raise InputError(f"{where}: {last!r} is not an index into its list")
+        node[int(last)] = value
+    else:
+        node[last] = value
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Scenario:

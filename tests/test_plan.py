@@ -208,6 +208,20 @@ def test_a_killed_plan_takes_its_workers_with_it(tmp_path, write_profile):
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pool)
 
 
+def test_a_search_value_json_cannot_write_is_one_clear_line(tmp_path, write_profile):
+    """Each configuration's values reached its scenario through JSON text: a date stopped on a
+    TypeError traceback."""
+    import datetime
+
+    from sim.errors import InputError
+    from sim.plan import load_plan
+
+    path = write_plan(tmp_path, write_profile(), {"search": {"seed": [datetime.date(2023, 1, 1)]}})
+    assert "- 2023-01-01\n" in path.read_text()  # as a user writes it
+    with pytest.raises(InputError, match="seed: expected a number, got datetime.date"):
+        load_plan(path)
+
+
 def test_a_long_wrong_search_value_is_named_by_its_start(tmp_path, write_profile):
     from sim.errors import InputError
     from sim.plan import load_plan
