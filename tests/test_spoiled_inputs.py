@@ -7,6 +7,7 @@ sample of that search in the suite."""
 from __future__ import annotations
 
 import copy
+import datetime
 import math
 
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -21,7 +22,7 @@ from sim.simulator import simulate
 SCENARIOS = ["steady.yaml", "bursty.yaml", "experiments/single-request.yaml", "experiments/response-cache.yaml",
              "experiments/autoscaling.yaml", "validation/steady.yaml", "validation/bursty.yaml"]
 SPOILED = [None, -1, 0, 1, 0.5, 1e-12, 1e12, 1e308, math.inf, math.nan, "", "abc", [], [1, "a"], {}, True,
-           2**63, 10**9]
+           2**63, 10**9, 10**3000, datetime.date(2023, 1, 1), {1: 2, None: 3}]
 
 
 def leaves(node, path=()):
