@@ -194,6 +194,12 @@ def main(argv=None) -> int:
             modes = [ModeSpec.parse(m.strip()) for m in (args.modes or "").split(",") if m.strip()]
         except ValueError as e:
             raise InputError(f"--modes: {e}") from None
+        # An empty list (`--modes "$MODES"` unset) measured the defaults; a mode named twice, twice.
+        if args.modes is not None and not modes:
+            raise InputError(f"--modes {args.modes!r}: names no mode (e.g. --modes fp32,bf16)")
+        twice = next((m.name for i, m in enumerate(modes) if m in modes[:i]), None)
+        if twice:
+            raise InputError(f"--modes: {twice} is named twice")
 
         from calibration import profile as profile_file
         from calibration.cost_model import EngineOverhead, held_out_errors

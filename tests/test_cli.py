@@ -260,6 +260,8 @@ def test_a_results_folder_replaces_only_a_results_folder(tmp_path):
     (("calibration.validate", "scenarios/validation/steady.yaml", "--runs", "-3"), "argument --runs: expected"),
     (("sim.plan", "scenarios/experiments/capacity.yaml", "--workers", "0"), "argument --workers: expected"),
     (("profiler.cli", "--threads", "two"), "argument --threads: expected"),
+    (("profiler.cli", "--device", "cpu", "--modes", ","), "--modes ',': names no mode"),  # it measured the defaults
+    (("profiler.cli", "--device", "cpu", "--modes", "fp32,fp16,fp32"), "--modes: fp32 is named twice"),  # twice
     # argparse's own errors too: one line, not the usage and then the error
     (("sim.cli", "scenarios/bursty.yaml", "--replicas", "2"), "unrecognized arguments: --replicas 2 (see simulate --help)"),
     (("sim.cli",), "the following arguments are required: scenario"),
