@@ -90,8 +90,8 @@ class Fields:
         self.read: set[str] = set()
         self.strings: dict[str, str] = {}  # string values as read (a YAML 1.1 `off` as "off")
 
-    def where(self, key: str | None = None) -> str:
-        parts = [p for p in (self.path, key) if p]
+    def where(self, key: Any = None) -> str:
+        parts = [self.path] * bool(self.path) + [str(key)] * (key is not None)  # a YAML key may be a number
         return ".".join(parts) or "(top level)"
 
     def fail(self, problem: str, key: str | None = None) -> None:

@@ -110,6 +110,8 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
     axes: list[tuple[str, list]] = []
     if search is not None:
         for key in search.data:
+            if not isinstance(key, str):
+                search.fail("expected a key path such as deployment.replicas", key)
             values = search.raw(key)
             if not isinstance(values, list) or not values:
                 search.fail("must be a non-empty list of values to try", key)

@@ -208,9 +208,9 @@ def test_a_killed_plan_takes_its_workers_with_it(tmp_path, write_profile):
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pool)
 
 
-def test_a_search_value_json_cannot_write_is_one_clear_line(tmp_path, write_profile):
+def test_odd_yaml_in_a_search_is_one_clear_line(tmp_path, write_profile):
     """Each configuration's values reached its scenario through JSON text: a date stopped on a
-    TypeError traceback."""
+    TypeError traceback. Keys YAML reads as numbers were tracebacks too."""
     import datetime
 
     from sim.errors import InputError
@@ -220,6 +220,9 @@ def test_a_search_value_json_cannot_write_is_one_clear_line(tmp_path, write_prof
     assert "- 2023-01-01\n" in path.read_text()  # as a user writes it
     with pytest.raises(InputError, match="seed: expected a number, got datetime.date"):
         load_plan(path)
+    for search in ({1: [2]}, {1: 2, None: 3}):  # AttributeError (no split), TypeError (join) in naming it
+        with pytest.raises(InputError, match="search.1: expected a key path such as deployment.replicas"):
+            load_plan(write_plan(tmp_path, write_profile(), {"search": search}))
 
 
 def test_a_long_wrong_search_value_is_named_by_its_start(tmp_path, write_profile):
