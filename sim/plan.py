@@ -196,9 +196,14 @@ def _measure(config: Config, factor: float, replicas: int | None = None) -> dict
 
 
 def _base_trace(config: Config):
+    """The configuration's requests at the base scenario's rate, which the search scales."""
     from sim import workload
 
-    return workload.generate(config.scenario.workload, config.scenario.seed)
+    trace = workload.generate(config.scenario.workload, config.scenario.seed)
+    if not math.isfinite(workload.offered_rate(trace)):  # a scaled rate of 0 stopped on ZeroDivisionError
+        raise InputError(f"{config.scenario.path}: workload: its {len(trace):,} request(s) arrive at one "
+                         "instant, so they have no rate to scale: a plan needs two or more arriving apart")
+    return trace
 
 
 def _worst(point: dict) -> tuple[str, float]:

@@ -208,6 +208,24 @@ def test_a_killed_plan_takes_its_workers_with_it(tmp_path, write_profile):
     assert not any(os.path.exists(f"/proc/{pid}") for pid in pool)
 
 
+@pytest.mark.parametrize("target", [None, 4])
+def test_a_workload_arriving_at_one_instant_is_one_clear_line(tmp_path, write_profile, target):
+    """A plan scales the base workload's rate; one request, or a trace whose requests all arrive
+    at 0 s, has none (an infinite rate scaled to 0: ZeroDivisionError in a worker)."""
+    trace = tmp_path / "flood.csv"
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0.0,64,1\n0.0,64,1\n0.0,64,1\n")
+    extra = {"target_rps": target} if target else {}
+    for one_instant, count in ((lambda w: w | {"num_requests": 1}, "1 request(s)"),
+                               (lambda w: {"arrivals": {"kind": "trace", "trace": str(trace)}}, "3 request(s)")):
+        path = write_plan(tmp_path, write_profile(), {"slo": {"e2e": {"max_s": 1.0}}} | extra)
+        base = yaml.safe_load((tmp_path / "base.yaml").read_text())
+        base["workload"] = one_instant(base["workload"])
+        (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+        proc, _ = run_plan(path, "--quiet")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"workload: its {count} arrive at one instant" in proc.stderr
+
+
 def test_odd_yaml_in_a_search_is_one_clear_line(tmp_path, write_profile):
     """Each configuration's values reached its scenario through JSON text: a date stopped on a
     TypeError traceback. Keys YAML reads as numbers were tracebacks too."""
