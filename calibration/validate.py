@@ -408,8 +408,9 @@ def parse_loads(text: str | None) -> list[float | None]:
         loads = [float(x) for x in text.split(",")]
     except ValueError:
         raise InputError(f"--loads: expected numbers like 0.3,0.6,0.9, got {text!r}") from None
-    if not all(0 < x <= 2 for x in loads):
-        raise InputError("--loads: each load must be a fraction of saturation in (0, 2]")
+    # Under 1% a load is labelled 0%, and its runs wait out arrivals hours apart (1e-9: for ever).
+    if not all(0.01 <= x <= 2 for x in loads):
+        raise InputError("--loads: each load must be a fraction of saturation from 0.01 to 2")
     # A load's rows, report lines and profile-<load>.json are labelled by its whole percent.
     labels = [f"{x:.0%}" for x in loads]
     twice = next((label for label in labels if labels.count(label) > 1), None)

@@ -120,7 +120,7 @@ def test_validate_refuses_what_the_live_engine_cannot_run(tmp_path, args, messag
     assert not (tmp_path / "o").exists()
 
 
-def test_loads_that_share_a_label_are_refused():
+def test_loads_that_share_a_label_or_round_to_none_are_refused():
     """Two loads of one whole percent would share their rows, report lines and profile-30.json."""
     from calibration.validate import parse_loads
     from sim.errors import InputError
@@ -128,6 +128,8 @@ def test_loads_that_share_a_label_are_refused():
     assert parse_loads("0.3,0.6") == [0.3, 0.6]
     with pytest.raises(InputError, match="30% is given twice"):
         parse_loads("0.3,0.301")
+    with pytest.raises(InputError, match="from 0.01 to 2"):  # labelled 0%, its runs waited for ever
+        parse_loads("1e-9")
 
 
 @pytest.fixture(scope="module")
