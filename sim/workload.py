@@ -82,7 +82,7 @@ def read_trace(path: str | Path) -> Trace:
     columns = next((cols for cols in TRACE_LAYOUTS if set(cols) <= set(frame.columns)), None)
     if columns is None:
         layouts = "; ".join(",".join(c) for c in TRACE_LAYOUTS)
-        raise InputError(f"{path}: unknown trace columns {list(frame.columns)} (expected: {layouts})")
+        raise InputError(f"{path}: unknown trace columns {show(list(frame.columns))} (expected: {layouts})")
     if len(frame) == 0:
         raise InputError(f"{path}: trace has no rows")
     time_col, prompt_col, output_col = columns

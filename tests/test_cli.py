@@ -174,6 +174,17 @@ def test_a_trace_row_of_the_wrong_width_or_range_is_refused(tmp_path, rows, mess
         read_trace(trace)
 
 
+def test_a_trace_header_of_no_layout_is_named_by_its_start(tmp_path):
+    from sim.errors import InputError
+    from sim.workload import read_trace
+
+    trace = tmp_path / "trace.csv"
+    trace.write_text("a,b," + "c" * 5000 + "\n1,2,3\n")  # the message held all 5,000 characters
+    with pytest.raises(InputError, match=r"unknown trace columns \['a', 'b', 'c+\.\.\.c+'\] \(expected") as e:
+        read_trace(trace)
+    assert len(str(e.value)) < 300
+
+
 @pytest.mark.parametrize("content,message", [
     ("{not json", "invalid JSON"),
     pytest.param("[" * 5000 + "]" * 5000, "JSON nested too deeply", id="nested-too-deeply"),  # was a traceback
