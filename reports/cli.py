@@ -35,7 +35,9 @@ def rebuild(folder: Path) -> Path:
             write_run_report(folder)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         # The files parse but do not hold what this version's report draws: edited, or older.
-        raise InputError(f"{folder}: results lack what the report needs ({type(e).__name__}: {e}); "
+        # Plotly's words for a wrong value take several lines: the first says what was wrong.
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InputError(f"{folder}: results lack what the report needs ({type(e).__name__}: {detail}); "
                          "were they written by another servesim version? Run the command again") from None
     return out
 

@@ -66,6 +66,18 @@ def test_num_requests_sets_every_simulations_length(tmp_path, write_profile):
     assert {p["requests"] for p in result["results"][0]["curve"]} == {50}  # the base holds 400
 
 
+def test_the_report_of_an_edited_plan_says_what_is_wrong_in_one_line(tmp_path, write_profile):
+    path = write_plan(tmp_path, write_profile(), {"num_requests": 50, "slo": {"e2e": {"max_s": 0.5}}})
+    proc, result = run_plan(path)
+    assert proc.returncode == 0, proc.stderr
+    result["results"][0]["config"] = [1, "a"]  # no string: plotly says so in several lines
+    (tmp_path / "out" / "plan.json").write_text(json.dumps(result))
+    proc = subprocess.run([sys.executable, "-m", "reports.cli", str(tmp_path / "out")], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "results lack what the report needs (ValueError: Invalid value of type" in proc.stderr
+
+
 def test_unmeetable_slo_says_by_how_much(tmp_path, write_profile):
     profile = write_profile(prefill=lambda b, p: 0.1)
     path = write_plan(tmp_path, profile, {"slo": {"e2e": {"max_s": 0.05, "percentile": 95}}})
