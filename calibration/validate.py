@@ -188,7 +188,9 @@ def scenario_grid(scenario, trace):
         return tuple(out)
 
     b = scenario.deployment.batching
-    rows = b.max_num_seqs if b.policy == "continuous" else b.max_batch_size
+    # A batch holds no more rows than there are requests: vLLM's default of 256 sequences had a
+    # validation of 8 requests time 256-row passes, minutes of them on a CPU.
+    rows = min(b.max_num_seqs if b.policy == "continuous" else b.max_batch_size, len(trace))
     longest = int(trace.prompt_tokens.max())
     context = int((trace.prompt_tokens + trace.output_tokens).max())
     return GridSpec(powers(1, rows), powers(16, longest), decode_batches(rows), powers(32, context),

@@ -120,6 +120,19 @@ def test_validate_refuses_what_the_live_engine_cannot_run(tmp_path, args, messag
     assert not (tmp_path / "o").exists()
 
 
+def test_the_swept_grid_holds_no_more_rows_than_there_are_requests():
+    """vLLM's default of 256 sequences had a validation of 8 requests time 256-row passes."""
+    from calibration.validate import scenario_grid
+    from conftest import ROOT
+    from sim import scenario as scenario_mod, workload
+
+    scenario = scenario_mod.load(ROOT / "scenarios/validation/steady.yaml",
+                                 ["deployment.batching={policy: continuous}", "workload.num_requests=8"])
+    assert scenario.deployment.batching.max_num_seqs == 256
+    grid = scenario_grid(scenario, workload.generate(scenario.workload, scenario.seed))
+    assert max(grid.prefill_batch) == max(grid.decode_batch) == 8
+
+
 def test_loads_that_share_a_label_or_round_to_none_are_refused():
     """Two loads of one whole percent would share their rows, report lines and profile-30.json."""
     from calibration.validate import parse_loads
