@@ -79,7 +79,10 @@ def build(spec: ModelSpec | Path, dtype, device, quiet: bool = False):
         else:
             config = AutoConfig.for_model(spec.family, **spec.config)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if isinstance(spec, Path):
+        _check_servable(model, spec)
+    return model
 
 
 def _from_folder(path: Path, dtype):
@@ -95,10 +98,26 @@ def _from_folder(path: Path, dtype):
     except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' words for a config it cannot build
         raise InputError(f"model checkpoint '{path}': cannot build a model from it: "
                          f"{str(e).strip().splitlines()[0]}") from None
-    if max_positions(model) < MIN_WINDOW:
-        raise InputError(f"model checkpoint '{path}': config.json: a context window of {max_positions(model)} "
-                         f"positions; profiling needs at least {MIN_WINDOW} (the calibration floods' requests)")
     return model
+
+
+def _check_servable(model, path: Path) -> None:
+    """What servesim measures and serves: a decoder with a context window and a KV cache. A
+    checkpoint may hold another causal LM (BERT's head builds; a Mamba has no window)."""
+    import torch
+
+    cfg = model.config
+    what = f"model checkpoint '{path}': config.json: {cfg.model_type}"
+    if not (getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)):
+        raise InputError(f"{what} names no context window (max_position_embeddings or n_positions); "
+                         "servesim measures transformer decoders with a KV cache")
+    if max_positions(model) < MIN_WINDOW:
+        raise InputError(f"{what}: a context window of {max_positions(model)} positions; profiling needs at "
+                         f"least {MIN_WINDOW} (the calibration floods' requests)")
+    with torch.inference_mode():
+        out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device), use_cache=True)
+    if out.cache is None:
+        raise InputError(f"{what} keeps no KV cache; servesim measures transformer decoders with one")
 
 
 # The shortest context window `profile` measures in: a calibration flood's prompts are 16 tokens

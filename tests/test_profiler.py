@@ -126,8 +126,19 @@ def test_a_folder_holding_only_a_config_builds_that_model_with_random_weights(tm
         build(lookup(str(tmp_path / "card")), torch.float32, torch.device("cpu"))
     LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                 intermediate_size=128, vocab_size=256, max_position_embeddings=40).save_pretrained(tmp_path / "card")
-    with pytest.raises(InputError, match="config.json: a context window of 40 positions; profiling needs at least 64"):
+    with pytest.raises(InputError, match="config.json: llama: a context window of 40 positions; profiling needs at "
+                                         "least 64"):
         build(lookup(str(tmp_path / "card")), torch.float32, torch.device("cpu"))
+    # Causal LMs servesim cannot serve: they stopped the sweeps on an AttributeError.
+    from transformers import BertConfig, MambaConfig
+
+    for config, message in ((BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=32, vocab_size=64), "bert keeps no KV cache"),
+                            (MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64, state_size=4),
+                             "mamba names no context window")):
+        config.save_pretrained(tmp_path / "card")
+        with pytest.raises(InputError, match=f"config.json: {message}"):
+            build(lookup(str(tmp_path / "card")), torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, raised as inductor loads
