@@ -10,6 +10,7 @@ import copy
 import datetime
 import math
 
+import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from calibration.profile import load as load_profile
@@ -17,8 +18,10 @@ from conftest import ROOT
 from sim import results, scenario as scenario_mod, workload
 from sim.errors import InputError
 from sim.fields import read_yaml
+from sim.plan import evaluate, load_plan
 from sim.simulator import simulate
 
+PLANS = ["capacity.yaml", "cost.yaml", "batch-sweep.yaml", "azure-replicas.yaml"]
 SCENARIOS = ["steady.yaml", "bursty.yaml", "experiments/single-request.yaml", "experiments/response-cache.yaml",
              "experiments/autoscaling.yaml", "validation/steady.yaml", "validation/bursty.yaml"]
 SPOILED = [None, -1, 0, 1, 0.5, 1e-12, 1e12, 1e308, math.inf, math.nan, "", "abc", [], [1, "a"], {}, True,
@@ -33,12 +36,8 @@ def leaves(node, path=()):
         yield from leaves(value, path + (key,))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
-@given(data=st.data())
-def test_a_spoiled_scenario_runs_or_is_one_clear_line(data):
-    name = data.draw(st.sampled_from(SCENARIOS))
-    raw = read_yaml(ROOT / "scenarios" / name, "scenario")
-    raw["workload"]["num_requests"] = 60  # small runs, unless the spoiled value is this one
+def spoil(data, raw: dict) -> None:
+    """Delete one key of `raw`, or give it a spoiled value."""
     *parents, key = data.draw(st.sampled_from(list(leaves(raw))))
     node = raw
     for k in parents:
@@ -47,6 +46,15 @@ def test_a_spoiled_scenario_runs_or_is_one_clear_line(data):
         del node[key]
     else:
         node[key] = copy.deepcopy(data.draw(st.sampled_from(SPOILED)))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_a_spoiled_scenario_runs_or_is_one_clear_line(data):
+    name = data.draw(st.sampled_from(SCENARIOS))
+    raw = read_yaml(ROOT / "scenarios" / name, "scenario")
+    raw["workload"]["num_requests"] = 60  # small runs, unless the spoiled value is this one
+    spoil(data, raw)
     try:
         scenario = scenario_mod.parse(raw, name, (ROOT / "scenarios" / name).parent)
         trace = workload.generate(scenario.workload, scenario.seed)
@@ -55,3 +63,22 @@ def test_a_spoiled_scenario_runs_or_is_one_clear_line(data):
         results.table(results.summarise(run, scenario, frame))
     except InputError as e:
         assert "\n" not in str(e) and str(e).startswith(name), str(e)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_a_spoiled_plan_runs_or_is_one_clear_line(data, tmp_path):
+    """Found so: a search over dates, keys YAML reads as numbers, one request to scale."""
+    name = data.draw(st.sampled_from(PLANS))
+    path = ROOT / "scenarios/experiments" / name
+    raw = read_yaml(path, "plan")
+    raw["base"] = str((path.parent / raw["base"]).resolve())
+    raw["num_requests"] = 40  # small runs, unless the spoiled value is this one
+    spoil(data, raw)
+    spoiled = tmp_path / name
+    spoiled.write_text(yaml.safe_dump(raw))
+    try:
+        plan = load_plan(spoiled)
+        evaluate(plan.configs[0], plan.target_rps, min(plan.max_replicas, 4))
+    except InputError as e:
+        assert "\n" not in str(e), str(e)
