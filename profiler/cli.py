@@ -39,6 +39,13 @@ step (the seeds' FP32 baseline), compiled wraps the model in torch.compile.
 DEFAULT_MODES = {"cpu": "fp32-nocache,fp32", "cuda": "fp32-nocache,fp32,fp16,bf16,bf16-compiled"}
 
 
+def file_path(text: str) -> Path:
+    """An argparse type: the path of a file, not of a folder (`--out dir/` wrote a file named dir)."""
+    if text.endswith("/"):
+        raise argparse.ArgumentTypeError(f"{text!r} names a folder: give the file too, e.g. {text}name.json")
+    return Path(text)
+
+
 def parse_args(argv):
     from profiler.models import describe
 
@@ -53,7 +60,7 @@ def parse_args(argv):
                                    f"{DEFAULT_MODES['cuda']} on CUDA)")
     add_threads_argument(p)
     p.add_argument("--quick", action="store_true", help="a small grid, for tests and smoke checks")
-    p.add_argument("--out", type=Path, help="profile file (default: calibration/profiles/<device>-<model>.json; "
+    p.add_argument("--out", type=file_path, help="profile file (default: calibration/profiles/<device>-<model>.json; "
                                             "with --quick, results/profiles/<device>-<model>-quick.json, so a "
                                             "smoke check never replaces a shipped profile)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report beside the profile")

@@ -107,6 +107,8 @@ def check_writable(path: str | Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: a folder, not a file; choose another --out")
+    if path.exists() and not path.is_file():  # the rename would put a file where /dev/null was
+        raise InputError(f"{path}: not a regular file (a device, a pipe or a socket); choose another --out")
     _check_ancestor(path)
 
 

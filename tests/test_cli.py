@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -375,10 +376,20 @@ print("survived the signal")
     assert (out if what == "file" else out / "a.csv").read_text() == "new\n"
 
 
-def test_an_unwritable_out_fails_before_the_work():
+def test_an_unwritable_out_fails_before_the_work(tmp_path):
     # before minutes of profiling, not after them; /proc refuses a new file even to root
     assert_one_line_error(run("profiler.cli", "--device", "cpu", "--model", "gpt2-tiny", "--out", "/proc/p.json"),
                           "/proc: cannot write here")
+    # The profile's rename put a regular file where the pipe was (as root, where /dev/null was).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert_one_line_error(run("profiler.cli", "--device", "cpu", "--quick", "--out", str(fifo)),
+                          f"{fifo}: not a regular file")
+    assert fifo.is_fifo()
+    # A trailing slash named a folder, and the profile was written as a file of that name.
+    assert_one_line_error(run("profiler.cli", "--device", "cpu", "--quick", "--out", f"{tmp_path}/new/"),
+                          "argument --out:", "names a folder: give the file too")
+    assert not (tmp_path / "new").exists()
 
 
 def test_profile_unknown_model_lists_the_known_ones():
