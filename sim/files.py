@@ -37,22 +37,54 @@ def _stop_writing(path: Path, e: BaseException) -> None:
         raise DiskFull(path, e.strerror) from None
 
 
-# Signals that stop a command: a timeout's or a job scheduler's SIGTERM and a closed terminal's
-# SIGHUP kill at once, without unwinding; Ctrl-C's SIGINT raises KeyboardInterrupt where it lands.
-_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# A timeout's or a job scheduler's SIGTERM and a closed terminal's SIGHUP kill at once, without
+# unwinding; Ctrl-C's SIGINT raises KeyboardInterrupt where it lands.
+_KILLS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Killed(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # only it may set handlers
 
 
 @contextmanager
-def _finish_before_dying() -> Iterator[None]:
-    """Hold a stopping signal while a write is done or undone, then let it act. Acting at once, a
-    kill left the temporary twin beside its target, and between the two renames that replace a
-    results folder either signal left no results folder at all, the old one moved aside. Writing
-    takes seconds, so the wait is short."""
-    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+def _undone_if_killed() -> Iterator[None]:
+    """While a write is in progress, a SIGTERM or SIGHUP raises, so that the write is undone as on
+    any error (killing at once left the temporary twin beside its target); then it kills."""
+    def kill(signum, frame):
+        for s in caught:  # a second kill must not cut the undoing short
+            signal.signal(s, signal.SIG_IGN)
+        raise _Killed(signum)
+
+    # Not where a handler is set: an outer write's, or SIG_IGN under nohup.
+    caught = [s for s in _KILLS if _main_thread() and signal.getsignal(s) == signal.SIG_DFL]
+    for s in caught:
+        signal.signal(s, kill)
+    try:
+        yield
+    except _Killed as e:
+        signal.signal(e.signum, signal.SIG_DFL)
+        signal.raise_signal(e.signum)
+        raise  # not reached: the default action ends the process
+    finally:
+        for s in caught:
+            signal.signal(s, signal.SIG_DFL)
+
+
+@contextmanager
+def _held() -> Iterator[None]:
+    """Hold Ctrl-C and kills over the renames that replace a results folder, then let them act:
+    between the two, acting at once left no results folder at all (the old one moved aside)."""
+    if not _main_thread():
         yield
         return
     held: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in _HELD}
+    previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, *_KILLS)}
     try:
         yield
     finally:
@@ -72,7 +104,7 @@ def write_atomic(path: str | Path, text: str) -> None:
     """Write a text file by renaming a finished temporary file over it."""
     path = Path(path)
     check_writable(path)
-    with _finish_before_dying():
+    with _undone_if_killed():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -130,7 +162,7 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder to fill; on success it replaces `path` whole, on error it vanishes."""
     path = Path(path)
     check_replaceable(path)
-    with _finish_before_dying():
+    with _undone_if_killed():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
@@ -141,13 +173,14 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
             yield tmp
             (tmp / MARK).write_text("servesim results: the next run writing here replaces this folder whole\n",
                                     encoding="utf-8")
-            if path.exists():
-                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-                os.replace(path, old / "x")
-                os.replace(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.replace(tmp, path)
+            with _held():
+                if path.exists():
+                    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+                    os.replace(path, old / "x")
+                    os.replace(tmp, path)
+                    shutil.rmtree(old)
+                else:
+                    os.replace(tmp, path)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             _stop_writing(path, e)

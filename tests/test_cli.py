@@ -335,12 +335,16 @@ def test_a_write_cut_short_by_a_full_disk_is_one_line_and_leaves_nothing(tmp_pat
     assert list(tmp_path.iterdir()) == []  # nor the temporary folder it was filling
 
 
-@pytest.mark.parametrize("what", ["results folder", "file"])
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
-def test_a_stop_while_writing_waits_for_the_write(tmp_path, what, stop):
-    """A timeout's SIGTERM landing mid-write killed at once: it left the temporary twin beside the
-    target. Between the two renames that replace a results folder, it or a Ctrl-C left no results
-    folder at all (the KeyboardInterrupt's cleanup removed the new one, the old one moved aside)."""
+@pytest.mark.parametrize("what,moment,left", [
+    ("results folder", "while its files are written", "old"),  # undone
+    ("results folder", "between the renames that replace it", "new"),  # held, then finished
+    ("file", "before the rename onto it", "old"),  # undone
+])
+def test_a_stop_while_writing_leaves_the_old_results_or_the_new(tmp_path, stop, what, moment, left):
+    """A timeout's SIGTERM killed at once, leaving the temporary twin beside the target; between the
+    two renames that replace a results folder, it or a Ctrl-C left no results folder at all (the
+    old one moved aside). Either still stops the command."""
     import signal
 
     from sim.files import atomic_folder, write_atomic
@@ -356,24 +360,29 @@ import os, signal
 from pathlib import Path
 from sim.files import atomic_folder, write_atomic
 
+def stop():
+    os.kill(os.getpid(), signal.{stop})
+
 replace = os.replace
 out = Path({str(out)!r})
-def killed_on_the_way(a, b):  # the signal lands just before the rename onto the target
-    if Path(b) == out:
-        os.kill(os.getpid(), signal.{stop})
+def stopped_on_the_way(a, b):
+    if Path(b) == out and {moment != "while its files are written"}:
+        stop()
     replace(a, b)
-os.replace = killed_on_the_way
+os.replace = stopped_on_the_way
 if {what == "file"}:
     write_atomic(out, "new\\n")
 else:
     with atomic_folder(out) as tmp:
+        if {moment == "while its files are written"}:
+            stop()
         (tmp / "a.csv").write_text("new\\n")
 print("survived the signal")
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert proc.returncode == -getattr(signal, stop) and proc.stdout == "", proc.stderr  # it still stops, after the write
-    assert [p.name for p in tmp_path.iterdir()] == ["o"]
-    assert (out if what == "file" else out / "a.csv").read_text() == "new\n"
+    assert proc.returncode == -getattr(signal, stop) and proc.stdout == "", proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temporary twin, no old folder aside
+    assert (out if what == "file" else out / "a.csv").read_text() == f"{left}\n"
 
 
 def test_an_unwritable_out_fails_before_the_work(tmp_path):
