@@ -93,12 +93,20 @@ def _from_folder(path: Path, dtype):
     weights = any((path / n).exists() for n in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
                                                  WEIGHTS_INDEX_NAME))
     try:
-        model = (AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if weights
-                 else AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype))
-    except (OSError, ValueError, KeyError, TypeError) as e:  # transformers' words for a config it cannot build
-        raise InputError(f"model checkpoint '{path}': cannot build a model from it: "
-                         f"{str(e).strip().splitlines()[0]}") from None
-    return model
+        return (AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if weights
+                else AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype))
+    # Whatever a config transformers cannot build raises (ValueError, TypeError, huggingface_hub's
+    # validation errors, torch's RuntimeError for a negative size or memory it cannot have), the
+    # config is at fault.
+    except Exception as e:
+        raise InputError(f"model checkpoint '{path}': cannot build a model from it: {_root_words(e)}") from None
+
+
+def _root_words(e: BaseException) -> str:
+    """The first line of what the innermost cause says (huggingface_hub wraps transformers' own)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _check_servable(model, path: Path) -> None:
@@ -114,8 +122,11 @@ def _check_servable(model, path: Path) -> None:
     if max_positions(model) < MIN_WINDOW:
         raise InputError(f"{what}: a context window of {max_positions(model)} positions; profiling needs at "
                          f"least {MIN_WINDOW} (the calibration floods' requests)")
-    with torch.inference_mode():
-        out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device), use_cache=True)
+    try:
+        with torch.inference_mode():
+            out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device), use_cache=True)
+    except Exception as e:  # a config that builds but cannot run (key/value heads that do not divide the heads)
+        raise InputError(f"{what}: a forward pass fails: {_root_words(e)}") from None
     if out.cache is None:
         raise InputError(f"{what} keeps no KV cache; servesim measures transformer decoders with one")
 

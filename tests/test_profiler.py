@@ -139,6 +139,17 @@ def test_a_folder_holding_only_a_config_builds_that_model_with_random_weights(tm
         config.save_pretrained(tmp_path / "card")
         with pytest.raises(InputError, match=f"config.json: {message}"):
             build(lookup(str(tmp_path / "card")), torch.float32, torch.device("cpu"))
+    # Configs transformers cannot build, or builds but cannot run: huggingface_hub's validation
+    # error and torch's RuntimeError were tracebacks.
+    llama = {
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "intermediate_size": 128, "vocab_size": 256, "max_position_embeddings": 512}
+    for change, message in (({"num_attention_heads": 3}, "cannot build a model from it: The hidden size \\(64\\) is "
+                                                         "not a multiple of the number of attention heads \\(3\\)"),
+                            ({"num_key_value_heads": 3}, "config.json: llama: a forward pass fails: The size of tensor")):
+        (tmp_path / "card" / "config.json").write_text(json.dumps(llama | change))
+        with pytest.raises(InputError, match=message):
+            build(lookup(str(tmp_path / "card")), torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, raised as inductor loads
