@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sim.errors import InputError
+from sim.errors import InputError, first_words
 
 
 @dataclass(frozen=True)
@@ -99,14 +99,7 @@ def _from_folder(path: Path, dtype):
     # validation errors, torch's RuntimeError for a negative size or memory it cannot have), the
     # config is at fault.
     except Exception as e:
-        raise InputError(f"model checkpoint '{path}': cannot build a model from it: {_root_words(e)}") from None
-
-
-def _root_words(e: BaseException) -> str:
-    """The first line of what the innermost cause says (huggingface_hub wraps transformers' own)."""
-    while e.__cause__ is not None:
-        e = e.__cause__
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InputError(f"model checkpoint '{path}': cannot build a model from it: {first_words(e)}") from None
 
 
 def _check_servable(model, path: Path) -> None:
@@ -114,19 +107,19 @@ def _check_servable(model, path: Path) -> None:
     checkpoint may hold another causal LM (BERT's head builds; a Mamba has no window)."""
     import torch
 
-    cfg = model.config
-    what = f"model checkpoint '{path}': config.json: {cfg.model_type}"
-    if not (getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)):
+    what = f"model checkpoint '{path}': config.json: {model.config.model_type}"
+    window = max_positions(model)
+    if not window:
         raise InputError(f"{what} names no context window (max_position_embeddings or n_positions); "
                          "servesim measures transformer decoders with a KV cache")
-    if max_positions(model) < MIN_WINDOW:
-        raise InputError(f"{what}: a context window of {max_positions(model)} positions; profiling needs at "
+    if window < MIN_WINDOW:
+        raise InputError(f"{what}: a context window of {window} positions; profiling needs at "
                          f"least {MIN_WINDOW} (the calibration floods' requests)")
     try:
         with torch.inference_mode():
             out = model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device), use_cache=True)
     except Exception as e:  # a config that builds but cannot run (key/value heads that do not divide the heads)
-        raise InputError(f"{what}: a forward pass fails: {_root_words(e)}") from None
+        raise InputError(f"{what}: a forward pass fails: {first_words(e)}") from None
     if out.cache is None:
         raise InputError(f"{what} keeps no KV cache; servesim measures transformer decoders with one")
 
@@ -138,5 +131,7 @@ MIN_WINDOW = 64
 
 
 def max_positions(model) -> int:
+    """The model's context window (a Llama-style or GPT-2-style key); 0 where its config names none,
+    which `build` refuses."""
     cfg = model.config
-    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions"))
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 0)

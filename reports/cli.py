@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from sim.cli_util import parser, run_command
-from sim.errors import InputError
+from sim.errors import InputError, first_words
 
 EPILOG = """examples:
   report results/bursty                 a simulation's report, from requests.csv, timeseries.csv, ...
@@ -35,9 +35,7 @@ def rebuild(folder: Path) -> Path:
             write_run_report(folder)
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
         # The files parse but do not hold what this version's report draws: edited, or older.
-        # Plotly's words for a wrong value take several lines: the first says what was wrong.
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise InputError(f"{folder}: results lack what the report needs ({type(e).__name__}: {detail}); "
+        raise InputError(f"{folder}: results lack what the report needs ({type(e).__name__}: {first_words(e)}); "
                          "were they written by another servesim version? Run the command again") from None
     return out
 

@@ -6,3 +6,11 @@ class InputError(Exception):
 
     The message names the file, the field and the problem, and is shown without a traceback.
     """
+
+
+def first_words(e: BaseException) -> str:
+    """What a library's exception says, in one line: the first line of its innermost cause
+    (huggingface_hub wraps transformers' words; plotly spreads its own over several lines)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
