@@ -30,7 +30,14 @@ def read_csv(folder: Path, name: str) -> pd.DataFrame:
             if size and f.read(1) != b"\n":
                 raise pd.errors.ParserError("the last row is cut off")
         # Only empty cells are missing: a rejection reason or a label is never read as NaN.
-        return pd.read_csv(path, keep_default_na=False, na_values=[""])
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        # servesim never writes an infinite number (a time not reached is empty); an edited one
+        # would bend every axis and histogram drawn from its column.
+        numbers = frame.select_dtypes("number")
+        infinite = numbers.columns[np.isinf(numbers).any()]
+        if len(infinite):
+            raise ValueError(f"column {infinite[0]!r} holds an infinite number")
+        return frame
 
     return _read_saved(folder, name, parse)
 

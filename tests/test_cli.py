@@ -289,10 +289,15 @@ def test_report_names_the_results_file_that_is_missing_or_corrupt(tmp_path):
     assert proc.returncode == 0, proc.stderr
     good = {name: (out / name).read_bytes() for name in ("summary.json", "timeseries.csv", "requests.csv")}
     cut = good["requests.csv"][:300]  # mid-row: pandas would fill the row's missing cells with NaN
+    header, first, rest = good["requests.csv"].split(b"\n", 2)
+    cells = first.split(b",")
+    cells[header.split(b",").index(b"finished_at")] = b"inf"  # drew the report, with numpy's warnings
+    infinite = b"\n".join((header, b",".join(cells), rest))
     for name, data, message in (("summary.json", b"{bad", "corrupt"), ("summary.json", b"[" * 5000, "nested too deeply"),
                                 ("summary.json", b"[1" + b"0" * 5000 + b"]", "corrupt: Exceeds the limit (4300 digits)"),
                                 ("timeseries.csv", b"", "corrupt"),
-                                ("requests.csv", cut, "corrupt: the last row is cut off")):
+                                ("requests.csv", cut, "corrupt: the last row is cut off"),
+                                ("requests.csv", infinite, "corrupt: column 'finished_at' holds an infinite number")):
         (out / name).write_bytes(data)
         assert_one_line_error(run("reports.cli", str(out)), str(out / name), message)
         (out / name).write_bytes(good[name])
