@@ -6,6 +6,7 @@ See scenarios/*.yaml for commented examples of every section.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import yaml
 
 from sim.errors import InputError
 from sim.fields import Fields, parse_yaml, read_yaml
-from sim.workload import MAX_REQUESTS, Trace, peak_rate, read_trace
+from sim.workload import MAX_REQUESTS, MAX_STATE_CHANGES, Trace, peak_rate, read_trace, state_changes
 
 POLICIES = ("static", "dynamic", "continuous")
 ROUTERS = ("round-robin", "least-outstanding", "random")
@@ -205,6 +206,13 @@ def _workload(w: Fields, base: Path) -> Workload:
     else:
         if num_requests is None and duration_s is None:
             w.fail("give num_requests or duration_s", "num_requests")
+        if arrivals.kind == "bursty":
+            changes = state_changes(arrivals, num_requests, duration_s)
+            if changes > MAX_STATE_CHANGES:
+                times = f"about {changes:.3g} times" if math.isfinite(changes) else "without end"
+                w.fail(f"at these rates and durations the states change {times} before the last arrival, "
+                       f"more than a run draws ({MAX_STATE_CHANGES:,}): lengthen the states or raise the rates",
+                       "arrivals.mean_durations_s")
         # A step or ramp schedule's final rate holds after it ends; at 0, arrivals stop there, and
         # a request count the schedule fell short of would be waited for forever.
         if duration_s is None and arrivals.kind in ("step", "ramp"):

@@ -270,6 +270,7 @@ class Simulation:
         self.cache: OrderedDict[int, float] | None = OrderedDict() if scenario.response_cache else None
         auto = scenario.autoscaler
         self.ttft_window: deque | None = deque() if auto and auto.policy == "latency" else None
+        self.routed: simpy.Event | None = None  # succeeds at the next request routed, while the autoscaler waits on it
         self.samples: dict[str, list] = {k: [] for k in (
             "time_s", "queued", "running", "replicas", "ready_replicas", "kv_used_tokens", "kv_capacity_tokens")}
 
@@ -355,6 +356,9 @@ class Simulation:
         else:
             worker = min(ready, key=attrgetter("outstanding"))
         worker.submit(req)
+        if self.routed is not None:
+            self.routed.succeed()
+            self.routed = None
 
     def finish(self, req: Request) -> None:
         self.outcome.record(req, self.workers[req.worker].replica.index if req.worker >= 0 else -1)
@@ -375,12 +379,21 @@ class Simulation:
     def autoscaler(self):
         spec, env = self.scenario.autoscaler, self.env
         last_action = -math.inf
+        tick = 0.0
         while True:
-            yield env.timeout(spec.interval_s)
+            tick += spec.interval_s
+            yield env.timeout(tick - env.now)
             active = self.active_replicas()
             n = len(active)
+            outstanding = sum(w.outstanding for r in active for w in r.workers)
+            if n == spec.min_replicas and not outstanding and not self.ttft_window:
+                # Until a request comes every tick holds at the minimum, so sleep through them to the
+                # first tick after it: a run of sparse arrivals ticked for hours between them.
+                self.routed = env.event()
+                yield self.routed
+                tick += (env.now - tick) // spec.interval_s * spec.interval_s
+                continue
             if spec.policy == "queue-depth":
-                outstanding = sum(w.outstanding for r in active for w in r.workers)
                 desired = math.ceil(outstanding / spec.target_queue_per_replica)
                 reason = f"{outstanding} outstanding, target {spec.target_queue_per_replica:g}/replica"
             else:
@@ -392,7 +405,7 @@ class Simulation:
                     desired = (n + 1 if p > spec.target_ttft_s else
                                n - 1 if p < spec.target_ttft_s * spec.scale_down_ratio else n)
                     reason = f"p{spec.percentile:g} TTFT {p:.3f}s, target {spec.target_ttft_s:g}s"
-                elif any(w.outstanding for r in active for w in r.workers):
+                elif outstanding:
                     continue  # no TTFT yet to judge by: the requests in hand have not reached a first token
                 else:  # idle: with no TTFT to judge by, holding would keep idle replicas through a lull
                     desired, reason = n - 1, f"idle: no request in the last {spec.window_s:g}s"

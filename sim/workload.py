@@ -6,8 +6,10 @@ cost a few megabytes and the simulator creates Request objects only as they arri
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from sim.fields import LARGEST, show
 # The most requests one run may ask for: a million take ~60 s to simulate, and generating far more
 # would fill memory (or, for a bursty state, exceed what numpy can draw) before anything ran.
 MAX_REQUESTS = 100_000_000
+# The most state changes a bursty workload may expect before its last arrival: each costs ~3 us to
+# draw, so this is half a minute; bursts of microseconds asked for hours, or for ever.
+MAX_STATE_CHANGES = 10_000_000
 
 # Trace layouts we read: servesim's own (also Vidur's) and the Azure LLM inference trace's.
 TRACE_LAYOUTS = {
@@ -165,31 +170,39 @@ def _thinned(rng, rate_at, peak: float, n: int | None, duration: float | None,
     return _take(np.concatenate(chunks), n, duration)
 
 
-def _mmpp(rng, rates, durations, n, duration) -> np.ndarray:
-    """Markov-modulated Poisson: cycle through states, each lasting an exponential time."""
-    chunks, count, t, state = [], 0, 0.0, 0
-    while (n is None or count < n) and (duration is None or t < duration):
-        length = rng.exponential(durations[state])
-        rate = rates[state]
+def _constant(rng, rate: float, start: float, length: float, need: int | None,
+              duration: float | None) -> np.ndarray:
+    """Poisson arrivals at `rate` over [start, start + length), as few as `need` (None: all)
+    once more than a million are expected there."""
+    if rate * length <= 1e6:
+        return start + np.sort(rng.random(rng.poisson(rate * length))) * length
+    # A flood: only the arrivals still needed, from their gaps; sorting them all would take
+    # seconds, or more memory than there is, or a count larger than numpy draws.
+    end = length if duration is None else min(length, duration - start)
+    return start + _poisson(rng, rate, need, end)
+
+
+def _piecewise_constant(rng, pieces: Iterable[tuple[float, float]], n: int | None,
+                        duration: float | None) -> np.ndarray:
+    """Arrivals at each piece's (rate, length) in turn, until `n` of them or `duration`."""
+    chunks, count, t = [], 0, 0.0
+    for rate, length in pieces:
+        if (n is not None and count >= n) or (duration is not None and t >= duration):
+            break
         if rate > 0:
-            if rate * length <= 1e6:
-                times = t + np.sort(rng.random(rng.poisson(rate * length))) * length
-            else:  # a flood: only the arrivals still needed, from their gaps; sorting them all would take
-                # seconds, or more memory than there is, or a count larger than numpy draws
-                end = length if duration is None else min(length, duration - t)
-                times = t + _poisson(rng, rate, None if n is None else n - count, end)
-            chunks.append(times)
-            count += len(times)
+            times = _constant(rng, rate, t, length, None if n is None else n - count, duration)
+            if len(times):  # an empty array per piece filled memory when bursty states switched often
+                chunks.append(times)
+                count += len(times)
         t += length
-        state = (state + 1) % len(rates)
     return _take(np.concatenate(chunks) if chunks else np.empty(0), n, duration)
 
 
-def _piecewise(rates, durations):
-    """Rate function of a step schedule; the last rate holds afterwards."""
-    edges = np.cumsum(durations)
-    rates = np.asarray(rates, float)
-    return lambda t: rates[np.minimum(np.searchsorted(edges, t, side="right"), len(rates) - 1)]
+def _mmpp(rng, rates, durations) -> Iterator[tuple[float, float]]:
+    """Markov-modulated Poisson: cycle through the states, each lasting an exponential time (drawn
+    when it starts, after the arrivals of the one before: the stream's order)."""
+    for state in itertools.cycle(range(len(rates))):
+        yield rates[state], rng.exponential(durations[state])
 
 
 def peak_rate(spec) -> float:
@@ -206,6 +219,15 @@ def peak_rate(spec) -> float:
     raise AssertionError(kind)
 
 
+def state_changes(spec, n: int | None, duration: float | None) -> float:
+    """How many states a bursty workload expects to pass through before `n` arrivals or `duration`."""
+    rates, durations = spec.params["rates"], spec.params["mean_durations_s"]
+    per_cycle = math.fsum(r * d for r, d in zip(rates, durations))  # arrivals expected per cycle
+    cycles = min(math.inf if n is None or per_cycle <= 0 else n / per_cycle,
+                 math.inf if duration is None else duration / math.fsum(durations))
+    return len(rates) * cycles
+
+
 def arrival_times(spec, rng, n: int | None, duration: float | None) -> np.ndarray:
     p, kind = spec.params, spec.kind
     if kind == "poisson":
@@ -214,14 +236,15 @@ def arrival_times(spec, rng, n: int | None, duration: float | None) -> np.ndarra
         shape = 1.0 / p["cv"] ** 2
         return _from_gaps(lambda k: rng.gamma(shape, 1.0 / (p["rate"] * shape), k), n, duration)
     if kind == "bursty":
-        return _mmpp(rng, p["rates"], p["mean_durations_s"], n, duration)
+        return _piecewise_constant(rng, _mmpp(rng, p["rates"], p["mean_durations_s"]), n, duration)
     if kind == "diurnal":
         mean, amp, period, phase = p["mean_rate"], p["amplitude"], p["period_s"], p["phase_s"]
         rate = lambda t: mean * (1 + amp * np.sin(2 * math.pi * (t + phase) / period))  # noqa: E731
         return _thinned(rng, rate, peak_rate(spec), n, duration)
     if kind == "step":
-        held = (float(np.cumsum(p["durations_s"])[-1]), p["rates"][-1])  # where _piecewise ends the schedule
-        return _thinned(rng, _piecewise(p["rates"], p["durations_s"]), peak_rate(spec), n, duration, held)
+        # Each step drawn at its own rate, the last holding for ever: thinned at the peak, a long
+        # step far below it took a hundred billion candidates.
+        return _piecewise_constant(rng, zip(p["rates"], [*p["durations_s"][:-1], math.inf]), n, duration)
     if kind == "ramp":
         r0, r1, span = p["start_rate"], p["end_rate"], p["duration_s"]
         rate = lambda t: r0 + (r1 - r0) * np.minimum(t / span, 1.0)  # noqa: E731

@@ -83,6 +83,9 @@ BAD_SCENARIOS = [
     (lambda s: s["workload"].update(num_requests=None, duration_s=3600, arrivals={"kind": "poisson", "rate": 1e6}),
      "workload.duration_s: 3600 s at up to 1e+06 req/s may ask for 3.6e+09 requests, more than a run holds"),
     (lambda s: s["workload"].update(num_requests=10**9), "workload.num_requests: must be <= 100000000"),
+    # Drawn state by state, microsecond bursts took hours and filled memory with empty states.
+    (lambda s: s["workload"].update(arrivals={"kind": "bursty", "rates": [2, 30], "mean_durations_s": [1e-6, 1e-6]}),
+     "workload.arrivals.mean_durations_s: at these rates and durations the states change about 3.12e+07 times"),
     (lambda s: s["workload"].update(prompt_keys={"distinct": 10**12}), "workload.prompt_keys.distinct: must be <= 100000000"),
     (lambda s: s.update(workload={"num_requests": 20000, "arrivals": {  # it replayed the 19,366 silently
         "kind": "trace", "trace": str(ROOT / "scenarios/traces/azure-conv-2023.csv")}}),

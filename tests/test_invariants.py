@@ -247,6 +247,24 @@ def test_the_autoscaler_gives_back_idle_replicas_in_a_lull(write_profile, write_
     assert replicas == 1
 
 
+@pytest.mark.parametrize("policy", [{"policy": "queue-depth", "target_queue_per_replica": 8},
+                                    {"policy": "latency", "target_ttft_s": 0.5, "window_s": 5}])
+def test_the_autoscaler_sleeps_through_a_lull_and_wakes_on_its_tick_grid(write_profile, write_scenario, policy):
+    """Two bursts a billion seconds apart. At min_replicas with nothing in hand every tick holds, and
+    it ticked through the lull (10^8 ticks); it now sleeps until a request comes, then acts on the
+    first tick of its grid after it."""
+    profile = write_profile(prefill=lambda b, p: 0.02 + 1e-4 * b * p, decode=lambda b, c: 0.01, model_load_s=2.0)
+    s = base_scenario(profile)
+    s["workload"] |= {"num_requests": 1000, "output_tokens": {"kind": "fixed", "value": 500},
+                      "arrivals": {"kind": "step", "rates": [200.0, 0.0, 200.0], "durations_s": [2.5, 1e9, 1.0]}}
+    s["autoscaler"] = policy | {"min_replicas": 1, "max_replicas": 4, "interval_s": 10, "cooldown_s": 0}
+    run, frame, summary = run_scenario(write_scenario(s))
+    check_invariants(run, frame, summary, s)
+    first = [a for a in run.actions if a[0] < 1e9]
+    assert first[0][:2] == (10.0, "scale_up") and first[-1][3] == 1  # up in the burst, down in the lull
+    assert run.actions[len(first)][:2] == (1e9 + 10.0, "scale_up")  # the second burst began at 1e9 + 2.5
+
+
 def test_a_draining_replica_keeps_its_kv_cache_in_the_capacity_until_it_stops(write_profile, write_scenario):
     """Three replicas, and a queue-depth target that wants one: at 0.5 s two drain while their
     requests still decode. The capacity counted only replicas the router may choose, so the cache

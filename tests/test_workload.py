@@ -48,6 +48,17 @@ def test_a_step_schedule_holds_its_final_rate_however_far_below_the_peak():
     assert len(times) == 300 and times[-1] > 1e6  # past the ramp, the held rate is one a billion seconds
 
 
+def test_a_step_far_below_the_peak_is_drawn_at_its_own_rate():
+    """Thinned at the peak, a billion seconds at 1e-9 req/s between steps at 100 and 5 took a
+    hundred billion candidates; each step is now its own Poisson process."""
+    spec = Arrivals("step", {"rates": [100.0, 1e-9, 5.0], "durations_s": [1.0, 1e9, 1.0]})
+    times = workload.arrival_times(spec, np.random.default_rng(0), 300, None)
+    assert len(times) == 300 and (np.diff(times) >= 0).all()
+    first, held = (times < 1).sum(), times[times >= 1e9 + 1]
+    assert abs(first - 100) < 5 * np.sqrt(100) and len(held) >= 300 - first - 2  # 1e-9 x 1e9 s: about one between
+    assert abs((len(held) - 1) / (held[-1] - held[0]) / 5.0 - 1) < 0.2
+
+
 def test_a_trace_reads_each_time_as_its_nearest_double_whatever_pandas_parses(tmp_path):
     # The shipped trace holds arrival times such as 5.8926549999999995, which pandas before 3 read
     # an ulp off (as 5.892655): the same scenario then gave other bytes under another pandas.
