@@ -48,6 +48,9 @@ a plan file:
 """
 
 BISECTION_STEPS = 7
+# Each configuration is a dozen simulations or so, seconds each: ten thousand is a night on a
+# workstation, and a search past it is a typo (a long list crossed with another) more than a plan.
+MAX_CONFIGS = 10_000
 # Arrival parameters that only scale the offered rate, which the planner sets itself.
 RATE_KEYS = ("workload.arrivals.rate", "workload.arrivals.mean_rate", "workload.arrivals.time_scale")
 
@@ -146,6 +149,11 @@ def load_plan(path: Path, overrides: list[str] = ()) -> Plan:
         entries.append((label, {"deployment.profile": str(resolve(profile_name, path.parent)),
                                 "deployment.mode": mode}, price))
 
+    count = math.prod(len(v) for _, v in axes) * len(entries)
+    if count > MAX_CONFIGS:
+        raise InputError(f"{file}: search: {' x '.join(str(len(v)) for _, v in axes)} values"
+                         + f" x {len(entries)} hardware entries" * bool(hardware)
+                         + f" cross into {count:,} configurations, more than a plan runs ({MAX_CONFIGS:,}): narrow it")
     configs = []
     profiles: dict[str, Any] = {}
     for (hw_label, hw_set, price), combo in itertools.product(entries, itertools.product(*[v for _, v in axes])):

@@ -134,6 +134,9 @@ def test_a_configuration_that_rejects_more_than_the_percentile_allows_fails_and_
     ({"search": {"deployment.replicas": [1, 1]}}, "two configurations are named 'replicas=1'"),
     # Its bisection simulated half a trillion replicas: a worker died and the pool broke.
     ({"target_rps": 5, "max_replicas": 10**12}, "max_replicas: must be <= 100000"),
+    # Ten million configurations were built one by one before the first simulation.
+    ({"search": {"seed": list(range(1000)), "workload.num_requests": list(range(1, 10001))}},
+     "search: 1000 x 10000 values cross into 10,000,000 configurations, more than a plan runs (10,000)"),
 ])
 def test_bad_plans_fail_clearly(tmp_path, write_profile, plan, message):
     path = write_plan(tmp_path, write_profile(), {"slo": {"e2e": {"max_s": 1.0}}} | plan)
