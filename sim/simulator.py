@@ -216,6 +216,7 @@ class Worker:
                 for r, _ in step.prefill:
                     if r.first_token_at == env.now:
                         sim.ttft_window.append((env.now, env.now - r.arrived_at))
+                        sim.signal_change()
 
 
 def run_time(cost, excess_sums: list[float], seqs: int, context: float, n: int) -> float:
@@ -270,7 +271,9 @@ class Simulation:
         self.cache: OrderedDict[int, float] | None = OrderedDict() if scenario.response_cache else None
         auto = scenario.autoscaler
         self.ttft_window: deque | None = deque() if auto and auto.policy == "latency" else None
-        self.routed: simpy.Event | None = None  # succeeds at the next request routed, while the autoscaler waits on it
+        # Succeeds when a request next arrives, finishes or gets its first token, while the autoscaler
+        # sleeps on it (`autoscaler`).
+        self.changed: simpy.Event | None = None
         self.samples: dict[str, list] = {k: [] for k in (
             "time_s", "queued", "running", "replicas", "ready_replicas", "kv_used_tokens", "kv_capacity_tokens")}
 
@@ -356,9 +359,12 @@ class Simulation:
         else:
             worker = min(ready, key=attrgetter("outstanding"))
         worker.submit(req)
-        if self.routed is not None:
-            self.routed.succeed()
-            self.routed = None
+        self.signal_change()
+
+    def signal_change(self) -> None:
+        if self.changed is not None:
+            self.changed.succeed()
+            self.changed = None
 
     def finish(self, req: Request) -> None:
         self.outcome.record(req, self.workers[req.worker].replica.index if req.worker >= 0 else -1)
@@ -369,6 +375,7 @@ class Simulation:
             if len(cache) > spec.capacity:
                 cache.popitem(last=False)
         self.remaining -= 1
+        self.signal_change()
         if self.progress is not None and self.remaining % self.progress_every == 0:
             self.progress(len(self.trace) - self.remaining)
         if self.remaining == 0:
@@ -386,18 +393,11 @@ class Simulation:
             active = self.active_replicas()
             n = len(active)
             outstanding = sum(w.outstanding for r in active for w in r.workers)
-            if n == spec.min_replicas and not outstanding and not self.ttft_window:
-                # Until a request comes every tick holds at the minimum, so sleep through them to the
-                # first tick after it: a run of sparse arrivals ticked for hours between them.
-                self.routed = env.event()
-                yield self.routed
-                tick += (env.now - tick) // spec.interval_s * spec.interval_s
-                continue
+            window = self.ttft_window
             if spec.policy == "queue-depth":
                 desired = math.ceil(outstanding / spec.target_queue_per_replica)
                 reason = f"{outstanding} outstanding, target {spec.target_queue_per_replica:g}/replica"
             else:
-                window = self.ttft_window
                 while window and window[0][0] < env.now - spec.window_s:
                     window.popleft()
                 if window:
@@ -405,11 +405,19 @@ class Simulation:
                     desired = (n + 1 if p > spec.target_ttft_s else
                                n - 1 if p < spec.target_ttft_s * spec.scale_down_ratio else n)
                     reason = f"p{spec.percentile:g} TTFT {p:.3f}s, target {spec.target_ttft_s:g}s"
-                elif outstanding:
-                    continue  # no TTFT yet to judge by: the requests in hand have not reached a first token
+                elif outstanding:  # no TTFT yet to judge by: the requests in hand have not reached a first token
+                    desired, reason = n, ""
                 else:  # idle: with no TTFT to judge by, holding would keep idle replicas through a lull
                     desired, reason = n - 1, f"idle: no request in the last {spec.window_s:g}s"
             desired = min(max(desired, spec.min_replicas), spec.max_replicas)
+            if desired == n and not window:
+                # It holds, and only an arrival, a finish or a first token changes what it judged (not
+                # so TTFTs in a latency window: they age out). Every tick before one would hold too, so
+                # sleep to the first tick after it: ticking through lulls took hours.
+                self.changed = env.event()
+                yield self.changed
+                tick += (env.now - tick) // spec.interval_s * spec.interval_s
+                continue
             if desired == n or env.now - last_action < spec.cooldown_s:
                 continue
             last_action = env.now

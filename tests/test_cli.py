@@ -83,6 +83,8 @@ BAD_SCENARIOS = [
     (lambda s: s["workload"].update(num_requests=None, duration_s=3600, arrivals={"kind": "poisson", "rate": 1e6}),
      "workload.duration_s: 3600 s at up to 1e+06 req/s may ask for 3.6e+09 requests, more than a run holds"),
     (lambda s: s["workload"].update(num_requests=10**9), "workload.num_requests: must be <= 100000000"),
+    (lambda s: s["workload"].update(num_requests=None, duration_s=0.5, arrivals={"kind": "gamma", "rate": 1, "cv": 1e6}),
+     "workload.arrivals.cv: must be <= 100"),  # its gaps were all 0.0, drawn until memory filled
     # Drawn state by state, microsecond bursts took hours and filled memory with empty states.
     (lambda s: s["workload"].update(arrivals={"kind": "bursty", "rates": [2, 30], "mean_durations_s": [1e-6, 1e-6]}),
      "workload.arrivals.mean_durations_s: at these rates and durations the states change about 3.12e+07 times"),

@@ -247,14 +247,17 @@ def test_the_autoscaler_gives_back_idle_replicas_in_a_lull(write_profile, write_
     assert replicas == 1
 
 
-@pytest.mark.parametrize("policy", [{"policy": "queue-depth", "target_queue_per_replica": 8},
-                                    {"policy": "latency", "target_ttft_s": 0.5, "window_s": 5}])
-def test_the_autoscaler_sleeps_through_a_lull_and_wakes_on_its_tick_grid(write_profile, write_scenario, policy):
-    """Two bursts a billion seconds apart. At min_replicas with nothing in hand every tick holds, and
-    it ticked through the lull (10^8 ticks); it now sleeps until a request comes, then acts on the
-    first tick of its grid after it."""
+@pytest.mark.parametrize("policy,batching", [
+    ({"policy": "queue-depth", "target_queue_per_replica": 8}, {"policy": "continuous"}),
+    ({"policy": "latency", "target_ttft_s": 0.5, "window_s": 5}, {"policy": "continuous"}),
+    # requests left waiting for a full batch through the lull: it holds with work in hand
+    ({"policy": "queue-depth", "target_queue_per_replica": 8}, {"policy": "static", "max_batch_size": 64})])
+def test_the_autoscaler_sleeps_through_a_lull_and_wakes_on_its_tick_grid(write_profile, write_scenario, policy,
+                                                                         batching):
+    """Two bursts a billion seconds apart. Every tick of the lull holds, and it ticked through it
+    (10^8 ticks); it now sleeps until a request comes, then acts on the first tick of its grid after it."""
     profile = write_profile(prefill=lambda b, p: 0.02 + 1e-4 * b * p, decode=lambda b, c: 0.01, model_load_s=2.0)
-    s = base_scenario(profile)
+    s = base_scenario(profile, batching=batching)
     s["workload"] |= {"num_requests": 1000, "output_tokens": {"kind": "fixed", "value": 500},
                       "arrivals": {"kind": "step", "rates": [200.0, 0.0, 200.0], "durations_s": [2.5, 1e9, 1.0]}}
     s["autoscaler"] = policy | {"min_replicas": 1, "max_replicas": 4, "interval_s": 10, "cooldown_s": 0}
