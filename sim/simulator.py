@@ -385,11 +385,12 @@ class Simulation:
 
     def autoscaler(self):
         spec, env = self.scenario.autoscaler, self.env
+        every = float(spec.interval_s)  # a float: its times print alike whether YAML gave 5 or 5.0
         last_action = -math.inf
-        tick = 0.0
+        k = 0  # it acts at ticks k * every
         while True:
-            tick += spec.interval_s
-            yield env.timeout(tick - env.now)
+            k += 1
+            yield env.timeout(max(k * every - env.now, 0.0))
             active = self.active_replicas()
             n = len(active)
             outstanding = sum(w.outstanding for r in active for w in r.workers)
@@ -410,15 +411,15 @@ class Simulation:
                 else:  # idle: with no TTFT to judge by, holding would keep idle replicas through a lull
                     desired, reason = n - 1, f"idle: no request in the last {spec.window_s:g}s"
             desired = min(max(desired, spec.min_replicas), spec.max_replicas)
-            if desired == n and not window:
-                # It holds, and only an arrival, a finish or a first token changes what it judged (not
-                # so TTFTs in a latency window: they age out). Every tick before one would hold too, so
-                # sleep to the first tick after it: ticking through lulls took hours.
-                self.changed = env.event()
-                yield self.changed
-                tick += (env.now - tick) // spec.interval_s * spec.interval_s
-                continue
             if desired == n or env.now - last_action < spec.cooldown_s:
+                # It holds until a request arrives, finishes or gets its first token, the window's oldest
+                # TTFT ages out or the cooldown ends: sleep through the ticks before the first of them
+                # (ticking through lulls took hours).
+                until = math.inf if desired == n else last_action + spec.cooldown_s
+                if window:
+                    until = min(until, window[0][0] + spec.window_s)
+                yield from self._sleep_until_change(k, until)
+                k = max(k, math.floor(env.now / every))  # the next tick is the first after the wake
                 continue
             last_action = env.now
             self.actions.append((env.now, "scale_up" if desired > n else "scale_down", n, desired, reason))
@@ -427,6 +428,17 @@ class Simulation:
                     self.add_replica(self.profile.model_load_s)
                 else:
                     self.drain_replica()
+
+    def _sleep_until_change(self, k: int, until: float):
+        """Wait for signal_change, or to the last tick k * interval_s surely before `until`."""
+        every = self.scenario.autoscaler.interval_s
+        last = math.inf if until == math.inf else math.floor(until / every) - 1
+        if last <= k + 1:
+            return  # a tick or two: tick them
+        self.changed = self.env.event()
+        events = [self.changed] if last == math.inf else [self.changed, self.env.timeout(last * every - self.env.now)]
+        yield self.env.any_of(events)
+        self.changed = None
 
     def monitor(self, interval: float, bounded: bool):
         env, s = self.env, self.samples

@@ -268,6 +268,23 @@ def test_the_autoscaler_sleeps_through_a_lull_and_wakes_on_its_tick_grid(write_p
     assert run.actions[len(first)][:2] == (1e9 + 10.0, "scale_up")  # the second burst began at 1e9 + 2.5
 
 
+def test_the_autoscaler_sleeps_through_its_cooldown_and_acts_at_its_end(write_profile, write_scenario):
+    """Every request in hand asks for the most replicas, and a cooldown of 10^7 s holds them there:
+    at 0.01 s ticks it ticked 10^9 times through it. It now sleeps to the cooldown's last ticks."""
+    profile = write_profile(prefill=lambda b, p: 0.02 + 1e-4 * b * p, decode=lambda b, c: 0.01, model_load_s=2.0)
+    s = base_scenario(profile)
+    s["workload"] |= {"num_requests": 1000,
+                      "arrivals": {"kind": "step", "rates": [200.0, 0.0, 200.0], "durations_s": [2.5, 1e9, 1.0]}}
+    s["autoscaler"] = {"policy": "queue-depth", "target_queue_per_replica": 1e-9, "min_replicas": 1,
+                       "max_replicas": 4, "interval_s": 0.01, "cooldown_s": 1e7}
+    run, frame, summary = run_scenario(write_scenario(s))
+    check_invariants(run, frame, summary, s)
+    (up, down, again), times = run.actions[:3], [a[0] for a in run.actions[:3]]
+    assert up[1:4] == ("scale_up", 1, 4) and times[0] == pytest.approx(0.01)
+    assert down[1:4] == ("scale_down", 4, 1) and 0 <= times[1] - times[0] - 1e7 < 0.01 + 1e-6
+    assert again[1:4] == ("scale_up", 1, 4) and 1e9 + 2.5 < times[2] < 1e9 + 2.52
+
+
 def test_a_draining_replica_keeps_its_kv_cache_in_the_capacity_until_it_stops(write_profile, write_scenario):
     """Three replicas, and a queue-depth target that wants one: at 0.5 s two drain while their
     requests still decode. The capacity counted only replicas the router may choose, so the cache

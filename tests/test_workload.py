@@ -59,6 +59,21 @@ def test_a_step_far_below_the_peak_is_drawn_at_its_own_rate():
     assert abs((len(held) - 1) / (held[-1] - held[0]) / 5.0 - 1) < 0.2
 
 
+def test_a_ramp_draws_the_arrivals_its_rate_integrates_to_however_low_it_starts():
+    """Thinned at the peak, a ramp from 1e-9 to 1e9 req/s drew a billion candidates before its first
+    arrival; it is a unit-rate process mapped through the ramp's expected count."""
+    spec = Arrivals("ramp", {"start_rate": 1e-9, "end_rate": 1e9, "duration_s": 1e9})
+    assert workload.arrival_times(spec, np.random.default_rng(0), 1, None)[0] < 20  # rate ~t: about sqrt(2 Exp(1))
+    # 0 to 100 req/s over 10 s, then 100 req/s held: 125, 375 and 1,000 expected in [0, 5), [5, 10), [10, 20).
+    spec = Arrivals("ramp", {"start_rate": 0.0, "end_rate": 100.0, "duration_s": 10.0})
+    counts = np.zeros(3)
+    for seed in range(50):
+        times = workload.arrival_times(spec, np.random.default_rng(seed), None, 20.0)
+        assert (np.diff(times) >= 0).all() and times[-1] < 20
+        counts += np.histogram(times, [0, 5, 10, 20])[0]
+    assert np.allclose(counts / 50, [125, 375, 1000], rtol=5 / np.sqrt(50 * np.array([125, 375, 1000])))
+
+
 def test_a_trace_reads_each_time_as_its_nearest_double_whatever_pandas_parses(tmp_path):
     # The shipped trace holds arrival times such as 5.8926549999999995, which pandas before 3 read
     # an ulp off (as 5.892655): the same scenario then gave other bytes under another pandas.
