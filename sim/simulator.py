@@ -418,8 +418,13 @@ class Simulation:
                 until = math.inf if desired == n else last_action + spec.cooldown_s
                 if window:
                     until = min(until, window[0][0] + spec.window_s)
-                yield from self._sleep_until_change(k, until)
-                k = max(k, math.floor(env.now / every))  # the next tick is the first after the wake
+                last = math.inf if until == math.inf else math.floor(until / every) - 1  # a tick surely before it
+                if last > k + 1:  # else a tick or two: tick them
+                    self.changed = env.event()
+                    wake = [self.changed] if last == math.inf else [self.changed, env.timeout(last * every - env.now)]
+                    yield env.any_of(wake)
+                    self.changed = None
+                    k = max(k, math.floor(env.now / every))  # the next tick is the first after the wake
                 continue
             last_action = env.now
             self.actions.append((env.now, "scale_up" if desired > n else "scale_down", n, desired, reason))
@@ -428,17 +433,6 @@ class Simulation:
                     self.add_replica(self.profile.model_load_s)
                 else:
                     self.drain_replica()
-
-    def _sleep_until_change(self, k: int, until: float):
-        """Wait for signal_change, or to the last tick k * interval_s surely before `until`."""
-        every = self.scenario.autoscaler.interval_s
-        last = math.inf if until == math.inf else math.floor(until / every) - 1
-        if last <= k + 1:
-            return  # a tick or two: tick them
-        self.changed = self.env.event()
-        events = [self.changed] if last == math.inf else [self.changed, self.env.timeout(last * every - self.env.now)]
-        yield self.env.any_of(events)
-        self.changed = None
 
     def monitor(self, interval: float, bounded: bool):
         env, s = self.env, self.samples

@@ -174,7 +174,7 @@ def _ramp(rng, r0: float, r1: float, span: float, n: int | None, duration: float
         return r0 * t + slope * t * t / 2 if t <= span else on_ramp + r1 * (t - span)
 
     u = _poisson(rng, 1.0, n, None if duration is None else expected(duration))
-    # The root of r0 t + slope t^2 / 2 = u, in the form that stays exact as the slope goes to 0.
+    # The root of r0 t + slope t^2 / 2 = u, in the form that stays accurate as the slope goes to 0.
     root = np.sqrt(np.maximum(r0 * r0 + 2 * slope * np.minimum(u, on_ramp), 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):  # past the ramp (held rate) or at u = 0 = r0
         t = np.where(u <= on_ramp, np.nan_to_num(2 * u / (r0 + root)), span + (u - on_ramp) / r1)
