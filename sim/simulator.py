@@ -259,6 +259,9 @@ class Simulation:
         self.progress_every = max(n // 100, 1)
         self.all_done = self.env.event()
         self.replicas: list[Replica] = []
+        # Those not yet stopped, which the autoscaler and the monitor scan: a long run that scales
+        # up and down often has made thousands, and scanning them all grew with the run.
+        self.live: list[Replica] = []
         self.workers: list[Worker] = []
         self.ready: list[Worker] = []  # workers the router may choose
         self.rr = 0
@@ -286,6 +289,7 @@ class Simulation:
     def add_replica(self, cold_start_s: float) -> None:
         replica = Replica(len(self.replicas), self.env.now)
         self.replicas.append(replica)
+        self.live.append(replica)
         for _ in range(self.scenario.deployment.workers_per_gpu):
             worker = Worker(self, replica, len(self.workers))
             replica.workers.append(worker)
@@ -307,20 +311,24 @@ class Simulation:
         yield from worker.run()
         replica = worker.replica
         if all(w.outstanding == 0 for w in replica.workers) and replica.stopped_at == math.inf:
-            replica.stopped_at = self.env.now
+            self._stop(replica)
+
+    def _stop(self, replica: Replica) -> None:
+        replica.stopped_at = self.env.now
+        self.live.remove(replica)
 
     def drain_replica(self) -> None:
-        replica = next(r for r in reversed(self.replicas) if not r.draining and r.stopped_at == math.inf)
+        replica = next(r for r in reversed(self.live) if not r.draining)
         replica.draining = True
         self.ready = [w for w in self.ready if w.replica is not replica]
         for worker in replica.workers:
             worker.scheduler.close()  # a static batcher must not wait for a batch that won't come
             worker.wake()
         if not replica.ready:  # still loading: give the GPU back at once
-            replica.stopped_at = self.env.now
+            self._stop(replica)
 
     def active_replicas(self) -> list[Replica]:
-        return [r for r in self.replicas if not r.draining and r.stopped_at == math.inf]
+        return [r for r in self.live if not r.draining]
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -437,14 +445,15 @@ class Simulation:
     def monitor(self, interval: float, bounded: bool):
         env, s = self.env, self.samples
         while True:
+            workers = [w for r in self.live for w in r.workers]  # a stopped replica holds nothing
             s["time_s"].append(env.now)
-            s["queued"].append(sum(w.scheduler.num_waiting for w in self.workers))
-            s["running"].append(sum(w.scheduler.num_running for w in self.workers))
-            s["replicas"].append(sum(1 for r in self.replicas if r.started_at <= env.now < r.stopped_at))
+            s["queued"].append(sum(w.scheduler.num_waiting for w in workers))
+            s["running"].append(sum(w.scheduler.num_running for w in workers))
+            s["replicas"].append(len(self.live))
             s["ready_replicas"].append(len(self.ready) // self.scenario.deployment.workers_per_gpu)
-            s["kv_used_tokens"].append(sum(w.scheduler.kv_used for w in self.workers))
+            s["kv_used_tokens"].append(sum(w.scheduler.kv_used for w in workers))
             # A draining replica still holds its cache, and its requests still use it.
-            holding = sum(len(r.workers) for r in self.replicas if r.ready and env.now < r.stopped_at)
+            holding = sum(len(r.workers) for r in self.live if r.ready)
             s["kv_capacity_tokens"].append(self.kv_capacity * holding)
             if bounded and len(s["time_s"]) > MAX_SAMPLES:
                 # The default interval spreads ~1,000 samples over the arrivals, but a run can last far
