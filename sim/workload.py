@@ -27,6 +27,10 @@ MAX_REQUESTS = 100_000_000
 # 15 s among lulls of 40 s change state 400,000 times in a run's most requests.
 MAX_STATE_CHANGES = 1_000_000
 
+# The latest arrival a run may hold: at 1e12 s a double resolves 0.1 ms, a tenth of a short forward
+# pass. At 1e-30 req/s the passes vanished into the clock's rounding and every latency read 0.0.
+MAX_TIME_S = 1e12
+
 # Trace layouts we read: servesim's own (also Vidur's) and the Azure LLM inference trace's.
 TRACE_LAYOUTS = {
     ("arrived_at", "num_prefill_tokens", "num_decode_tokens"): "seconds",
@@ -143,7 +147,7 @@ def _from_gaps(draw, n: int | None, duration: float | None) -> np.ndarray:
         times = t + np.cumsum(draw(4096))
         chunks.append(times)
         t = times[-1]
-    return _take(np.concatenate(chunks), None, duration)
+    return _take(np.concatenate(chunks) if chunks else np.empty(0), None, duration)  # a ramp's may be 0
 
 
 def _poisson(rng, rate: float, n: int | None, duration: float | None) -> np.ndarray:
@@ -176,7 +180,7 @@ def _ramp(rng, r0: float, r1: float, span: float, n: int | None, duration: float
     u = _poisson(rng, 1.0, n, None if duration is None else expected(duration))
     # The root of r0 t + slope t^2 / 2 = u, in the form that stays accurate as the slope goes to 0.
     root = np.sqrt(np.maximum(r0 * r0 + 2 * slope * np.minimum(u, on_ramp), 0.0))
-    with np.errstate(divide="ignore", invalid="ignore"):  # past the ramp (held rate) or at u = 0 = r0
+    with np.errstate(all="ignore"):  # each branch computed for all: past the ramp, or at u = 0 = r0
         t = np.where(u <= on_ramp, np.nan_to_num(2 * u / (r0 + root)), span + (u - on_ramp) / r1)
     return _take(t, n, duration)
 
@@ -294,6 +298,9 @@ def generate(workload, seed: int) -> Trace:
     n = len(times)
     if n == 0:
         raise InputError(f"{workload.where}: generates no request (raise the rate, duration or count)")
+    if not times[-1] <= MAX_TIME_S:
+        raise InputError(f"{workload.where}: arrivals run past {MAX_TIME_S:g} s, where the clock cannot "
+                         "time a forward pass: raise the rate (or time_scale)")
     prompt_key = prefix_id = prefix_tokens = None
     if workload.prompt_keys is not None:
         distinct, s = workload.prompt_keys

@@ -79,6 +79,11 @@ BAD_SCENARIOS = [
                                     "target_queue_per_replica": 4}), "autoscaler.max_replicas: must be >= 3"),
     (lambda s: s["deployment"].update(workers_per_gpu=100, gpu_memory_utilization=0.1), "do not fit"),
     (lambda s: s["workload"].update(num_requests=None, duration_s=0.001), "workload: generates no request"),
+    (lambda s: s["workload"]["arrivals"].update(rate=1e-30),  # the passes vanished: every latency 0.0
+     "workload: arrivals run past 1e+12 s, where the clock cannot time a forward pass"),
+    (lambda s: s["workload"].update(num_requests=None, duration_s=1e-200,  # 0 expected: a ValueError
+                                    arrivals={"kind": "ramp", "start_rate": 0, "end_rate": 1, "duration_s": 1}),
+     "workload: generates no request"),
     # Generating them filled memory before the run began (or, at a rate of 1e300, never ended).
     (lambda s: s["workload"].update(num_requests=None, duration_s=3600, arrivals={"kind": "poisson", "rate": 1e6}),
      "workload.duration_s: 3600 s at up to 1e+06 req/s may ask for 3.6e+09 requests, more than a run holds"),
