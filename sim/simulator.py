@@ -426,13 +426,7 @@ class Simulation:
                 until = math.inf if desired == n else last_action + spec.cooldown_s
                 if window:
                     until = min(until, window[0][0] + spec.window_s)
-                last = math.inf if until == math.inf else math.floor(until / every) - 1  # a tick surely before it
-                if last > k + 1:  # else a tick or two: tick them
-                    self.changed = env.event()
-                    wake = [self.changed] if last == math.inf else [self.changed, env.timeout(last * every - env.now)]
-                    yield env.any_of(wake)
-                    self.changed = None
-                    k = max(k, math.floor(env.now / every))  # the next tick is the first after the wake
+                k = yield from self._sleep(k, every, until)
                 continue
             last_action = env.now
             self.actions.append((env.now, "scale_up" if desired > n else "scale_down", n, desired, reason))
@@ -441,6 +435,18 @@ class Simulation:
                     self.add_replica(self.profile.model_load_s)
                 else:
                     self.drain_replica()
+
+    def _sleep(self, k: int, every: float, until: float):
+        """Sleep from tick k to the last tick before `until` at most, or until signal_change; return
+        the tick to go on from."""
+        last = math.inf if until == math.inf else math.floor(until / every) - 1  # a tick surely before it
+        if last <= k + 1:
+            return k  # a tick or two: tick them
+        self.changed = self.env.event()
+        wake = [self.changed] if last == math.inf else [self.changed, self.env.timeout(last * every - self.env.now)]
+        yield self.env.any_of(wake)
+        self.changed = None
+        return max(k, math.floor(self.env.now / every))  # the next tick is the first after the wake
 
     def monitor(self, interval: float, bounded: bool):
         env, s = self.env, self.samples

@@ -268,6 +268,50 @@ def test_the_autoscaler_sleeps_through_a_lull_and_wakes_on_its_tick_grid(write_p
     assert run.actions[len(first)][:2] == (1e9 + 10.0, "scale_up")  # the second burst began at 1e9 + 2.5
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    policy=st.sampled_from(["queue-depth", "latency"]),
+    batching=st.sampled_from(["static", "dynamic", "continuous"]),
+    arrivals=st.sampled_from([{"kind": "bursty", "rates": [0.5, 40.0], "mean_durations_s": [20, 5]},
+                              {"kind": "step", "rates": [30.0, 0.0, 20.0], "durations_s": [5, 100, 5]},
+                              {"kind": "poisson", "rate": 3.0}, {"kind": "poisson", "rate": 0.3}]),
+    interval=st.sampled_from([0.05, 0.3, 2.5]),
+    cooldown=st.sampled_from([0, 2, 10]),
+    window=st.sampled_from([0.5, 5.0, 50.0]),
+    target_ttft=st.sampled_from([0.001, 0.2]),
+    min_replicas=st.integers(1, 2),
+    workers_per_gpu=st.integers(1, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_the_autoscalers_sleep_changes_nothing(write_profile, write_scenario, policy, batching, arrivals, interval,
+                                               cooldown, window, target_ttft, min_replicas, workers_per_gpu, seed):
+    """Sleeping through ticks that can only hold must give exactly what ticking through them gives."""
+    from sim.simulator import Simulation
+
+    profile = write_profile(prefill=lambda b, p: 0.003 + 2e-5 * b * p, decode=lambda b, c: 0.005 + 1e-3 * b,
+                            model_load_s=1.0)
+    s = base_scenario(profile, replicas=min_replicas, workers_per_gpu=workers_per_gpu,
+                      batching={"policy": batching} | ({"max_batch_size": 4} if batching != "continuous" else {}))
+    s["seed"] = seed
+    # Long outputs: a latency autoscaler's first TTFT comes ticks before its request finishes.
+    s["workload"] |= {"num_requests": 200, "arrivals": arrivals, "output_tokens": {"kind": "uniform", "low": 1, "high": 400}}
+    rule = {"target_queue_per_replica": 4} if policy == "queue-depth" else {"target_ttft_s": target_ttft, "window_s": window}
+    s["autoscaler"] = {"policy": policy, "min_replicas": min_replicas, "max_replicas": 4, "interval_s": interval,
+                       "cooldown_s": cooldown} | rule
+    path = write_scenario(s)
+    run, frame, _ = run_scenario(path)
+
+    def tick_through(self, k, every, until):
+        return k
+        yield  # a generator that never waits
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Simulation, "_sleep", tick_through)
+        ticked, ticked_frame, _ = run_scenario(path)
+    assert run.actions == ticked.actions
+    pd.testing.assert_frame_equal(frame, ticked_frame)
+
+
 def test_the_autoscaler_sleeps_through_its_cooldown_and_acts_at_its_end(write_profile, write_scenario):
     """Every request in hand asks for the most replicas, and a cooldown of 10^7 s holds them there:
     at 0.01 s ticks it ticked 10^9 times through it. It now sleeps to the cooldown's last ticks."""
