@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sim.errors import InputError
+from sim.errors import InputError, parse_words
 from sim.fields import LARGEST, Fields, show
 from sim.files import write_atomic
 
@@ -136,7 +136,7 @@ def load(path: str | Path) -> Profile:
     except OSError as e:
         raise InputError(f"{path}: cannot read profile: {e.strerror}") from None
     except ValueError as e:  # not JSON, not UTF-8, or a number past Python's 4,300 digits
-        raise InputError(f"{path}: not a profile: invalid JSON ({str(e).split(';')[0]})") from None
+        raise InputError(f"{path}: not a profile: invalid JSON ({parse_words(e)})") from None
     except RecursionError:
         raise InputError(f"{path}: not a profile: JSON nested too deeply") from None
     return parse(data, path)

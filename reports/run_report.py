@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from reports.html import figure, page, table
-from sim.errors import InputError
+from sim.errors import InputError, parse_words
 from sim.results import fmt_cache_hits, fmt_seconds, fmt_slo_value
 
 METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))
@@ -50,7 +50,7 @@ def _read_saved(folder: Path, name: str, parse):
     except FileNotFoundError:
         raise InputError(f"{folder}: not a servesim results folder: {name} is missing") from None
     except ValueError as e:  # not JSON or CSV, not UTF-8, a cut-off row, a number past 4,300 digits
-        raise InputError(f"{folder / name}: corrupt: {str(e).split(';')[0]}") from None
+        raise InputError(f"{folder / name}: corrupt: {parse_words(e)}") from None
     except RecursionError:
         raise InputError(f"{folder / name}: corrupt: nested too deeply") from None
 

@@ -14,3 +14,9 @@ def first_words(e: BaseException) -> str:
     while e.__cause__ is not None:
         e = e.__cause__
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def parse_words(e: ValueError) -> str:
+    """What a parser's ValueError says, up to the advice Python adds after ';' (a number past 4,300
+    digits: "...; use sys.set_int_max_str_digits() to increase the limit")."""
+    return str(e).split(";")[0]

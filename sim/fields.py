@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from sim.errors import InputError
+from sim.errors import InputError, parse_words
 
 REQUIRED = object()
 
@@ -48,7 +48,7 @@ def parse_yaml(text: str) -> Any:
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
     except ValueError as e:  # a scalar that looks like a date, a number or a tag's type but is none
-        raise yaml.YAMLError(f"a value it cannot read: {str(e).split(';')[0]}") from None
+        raise yaml.YAMLError(f"a value it cannot read: {parse_words(e)}") from None
     stack, seen = [data], 0
     while stack:  # counts an aliased node at every place it appears, as reading the values will
         node = stack.pop()
