@@ -247,6 +247,15 @@ def test_the_autoscaler_gives_back_idle_replicas_in_a_lull(write_profile, write_
     assert replicas == 1
 
 
+def _two_bursts_a_billion_seconds_apart(write_profile, **deployment) -> dict:
+    """1,000 requests: 200 req/s for 2.5 s, none for 1e9 s, then 200 req/s until the rest have come."""
+    profile = write_profile(prefill=lambda b, p: 0.02 + 1e-4 * b * p, decode=lambda b, c: 0.01, model_load_s=2.0)
+    s = base_scenario(profile, **deployment)
+    s["workload"] |= {"num_requests": 1000,
+                      "arrivals": {"kind": "step", "rates": [200.0, 0.0, 200.0], "durations_s": [2.5, 1e9, 1.0]}}
+    return s
+
+
 @pytest.mark.parametrize("policy,batching", [
     ({"policy": "queue-depth", "target_queue_per_replica": 8}, {"policy": "continuous"}),
     ({"policy": "latency", "target_ttft_s": 0.5, "window_s": 5}, {"policy": "continuous"}),
@@ -256,10 +265,8 @@ def test_the_autoscaler_sleeps_through_a_lull_and_wakes_on_its_tick_grid(write_p
                                                                          batching):
     """Two bursts a billion seconds apart. Every tick of the lull holds, and it ticked through it
     (10^8 ticks); it now sleeps until a request comes, then acts on the first tick of its grid after it."""
-    profile = write_profile(prefill=lambda b, p: 0.02 + 1e-4 * b * p, decode=lambda b, c: 0.01, model_load_s=2.0)
-    s = base_scenario(profile, batching=batching)
-    s["workload"] |= {"num_requests": 1000, "output_tokens": {"kind": "fixed", "value": 500},
-                      "arrivals": {"kind": "step", "rates": [200.0, 0.0, 200.0], "durations_s": [2.5, 1e9, 1.0]}}
+    s = _two_bursts_a_billion_seconds_apart(write_profile, batching=batching)
+    s["workload"]["output_tokens"] = {"kind": "fixed", "value": 500}
     s["autoscaler"] = policy | {"min_replicas": 1, "max_replicas": 4, "interval_s": 10, "cooldown_s": 0}
     run, frame, summary = run_scenario(write_scenario(s))
     check_invariants(run, frame, summary, s)
@@ -315,10 +322,7 @@ def test_the_autoscalers_sleep_changes_nothing(write_profile, write_scenario, po
 def test_the_autoscaler_sleeps_through_its_cooldown_and_acts_at_its_end(write_profile, write_scenario):
     """Every request in hand asks for the most replicas, and a cooldown of 10^7 s holds them there:
     at 0.01 s ticks it ticked 10^9 times through it. It now sleeps to the cooldown's last ticks."""
-    profile = write_profile(prefill=lambda b, p: 0.02 + 1e-4 * b * p, decode=lambda b, c: 0.01, model_load_s=2.0)
-    s = base_scenario(profile)
-    s["workload"] |= {"num_requests": 1000,
-                      "arrivals": {"kind": "step", "rates": [200.0, 0.0, 200.0], "durations_s": [2.5, 1e9, 1.0]}}
+    s = _two_bursts_a_billion_seconds_apart(write_profile)
     s["autoscaler"] = {"policy": "queue-depth", "target_queue_per_replica": 1e-9, "min_replicas": 1,
                        "max_replicas": 4, "interval_s": 0.01, "cooldown_s": 1e7}
     run, frame, summary = run_scenario(write_scenario(s))
