@@ -286,7 +286,9 @@ def generate(workload, seed: int) -> Trace:
     arrivals = workload.arrivals
     if arrivals.kind == "trace":
         trace = arrivals.trace
-        times = trace.arrived_at / arrivals.params["time_scale"]
+        # Replayed from its first arrival, as ISO times always were: a trace in Unix-epoch seconds
+        # billed 472,222 GPU-hours of replicas idle since 1970 for its 3 requests.
+        times = (trace.arrived_at - trace.arrived_at[0]) / arrivals.params["time_scale"]
         keep = _take(np.arange(len(times)), workload.num_requests, None)
         if workload.duration_s is not None:
             keep = keep[times[keep] < workload.duration_s]

@@ -74,6 +74,24 @@ def test_a_ramp_draws_the_arrivals_its_rate_integrates_to_however_low_it_starts(
     assert np.allclose(counts / 50, [125, 375, 1000], rtol=5 / np.sqrt(50 * np.array([125, 375, 1000])))
 
 
+def test_a_trace_replays_from_its_first_arrival_whatever_its_clocks_origin(tmp_path, write_profile,
+                                                                           write_scenario):
+    # In Unix-epoch seconds, the replicas were billed from t = 0: 472,222 GPU-hours for 3 requests.
+    from helpers import run_scenario
+
+    summaries = []
+    for origin in (0.0, 1.7e9):
+        trace = tmp_path / f"trace-{origin:g}.csv"
+        trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n"
+                         + "".join(f"{origin + t!r},16,4\n" for t in (0.0, 0.25, 1.0)))
+        s = base_scenario(write_profile())
+        s["workload"] = {"arrivals": {"kind": "trace", "trace": str(trace)}, "duration_s": 0.5}
+        _, frame, summary = run_scenario(write_scenario(s))
+        assert frame["arrived_at"].tolist() == [0.0, 0.25]  # duration_s counts from the first arrival too
+        summaries.append(summary)
+    assert summaries[0] == summaries[1] and summaries[0]["gpu_hours"] < 1
+
+
 def test_a_trace_reads_each_time_as_its_nearest_double_whatever_pandas_parses(tmp_path):
     # The shipped trace holds arrival times such as 5.8926549999999995, which pandas before 3 read
     # an ulp off (as 5.892655): the same scenario then gave other bytes under another pandas.
