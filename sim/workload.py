@@ -278,6 +278,22 @@ def lengths(spec, rng, n: int) -> np.ndarray:
     raise AssertionError(spec.kind)
 
 
+def _zipf_keys(rng, distinct: int, s: float, n: int) -> np.ndarray:
+    """n prompt keys of Zipf popularity (weight 1 / k^s) over `distinct` prompts: exactly what
+    rng.choice(distinct, n, p=weights) draws, in one array where choice held three (2.3 GB and 6 s
+    for 10^8 prompts, against 0.8 GB and 0.9 s)."""
+    # In floats: an integer exponent of 1e9 wrapped int64 to 0. A power past the floats' range is
+    # infinite, and its prompt's weight 0, as it should be.
+    cdf = np.arange(1, distinct + 1, dtype=float)
+    with np.errstate(over="ignore"):
+        np.power(cdf, s, out=cdf)
+    np.divide(1.0, cdf, out=cdf)
+    cdf /= cdf.sum()  # choice's steps, in its order, so its draws are kept bit for bit
+    np.cumsum(cdf, out=cdf)
+    cdf /= cdf[-1]
+    return cdf.searchsorted(rng.random(n), side="right")
+
+
 def generate(workload, seed: int) -> Trace:
     """The request stream of a scenario's workload. Same seed, same stream."""
     rng_arrivals, rng_prompt, rng_output, rng_keys = (
@@ -305,12 +321,7 @@ def generate(workload, seed: int) -> Trace:
                          "time a forward pass: raise the rate (or time_scale)")
     prompt_key = prefix_id = prefix_tokens = None
     if workload.prompt_keys is not None:
-        distinct, s = workload.prompt_keys
-        # Zipf popularity over distinct prompts, in floats: an integer exponent of 1e9 wrapped int64 to 0.
-        # A power past the floats' range is infinite, and its prompt's weight 0, as it should be.
-        with np.errstate(over="ignore"):
-            weights = 1.0 / np.arange(1, distinct + 1, dtype=float) ** s
-        prompt_key = rng_keys.choice(distinct, n, p=weights / weights.sum())
+        prompt_key = _zipf_keys(rng_keys, *workload.prompt_keys, n)
     if workload.shared_prefix is not None:
         groups, tokens, fraction = workload.shared_prefix
         has = rng_keys.random(n) < fraction
