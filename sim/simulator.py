@@ -33,9 +33,19 @@ MAX_SET_SAMPLES = 1_000_000  # with one set: an interval of 1e-12 s sampled for 
 
 
 def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
-    """KV-cache tokens one worker can hold: what device memory leaves after every worker's weights."""
+    """KV-cache tokens one worker can hold: what device memory leaves after every worker's weights,
+    or `kv_cache_tokens` where the scenario sets fewer."""
     dep = scenario.deployment
     mode = profile.mode(dep.mode, f"{scenario.path}: deployment.mode")
+    # Every worker loads the weights, whatever its cache: a kv_cache_tokens skipped this, and a
+    # million copies of the model ran as if they fitted.
+    usable = profile.memory_bytes * dep.gpu_memory_utilization
+    free = usable - dep.workers_per_gpu * mode.weights_bytes
+    if free <= 0:
+        raise InputError(
+            f"{scenario.path}: deployment.workers_per_gpu: {dep.workers_per_gpu} copies of the "
+            f"{mode.weights_bytes / 2**30:.2f} GiB model do not fit in {usable / 2**30:.2f} GiB "
+            f"({dep.gpu_memory_utilization:g} of {profile.device_name})")
     if mode.kv_bytes_per_token == 0:  # no KV cache: nothing is kept between steps
         # A prompt's later chunks attend to its earlier ones' KV, and a prefix hit reuses another's.
         needs_cache = {"kv_cache_tokens": dep.kv_cache_tokens is not None,
@@ -46,16 +56,15 @@ def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
                 raise InputError(f"{scenario.path}: deployment.{key}: mode {dep.mode!r} keeps no KV cache "
                                  "(pick a mode with one)")
         return math.inf
-    if dep.kv_cache_tokens is not None:
-        return dep.kv_cache_tokens
-    usable = profile.memory_bytes * dep.gpu_memory_utilization
-    free = usable - dep.workers_per_gpu * mode.weights_bytes
-    if free <= 0:
+    fits = math.floor(free / dep.workers_per_gpu / mode.kv_bytes_per_token)
+    if dep.kv_cache_tokens is None:
+        return fits
+    if dep.kv_cache_tokens > fits:
         raise InputError(
-            f"{scenario.path}: deployment.workers_per_gpu: {dep.workers_per_gpu} copies of the "
-            f"{mode.weights_bytes / 2**30:.2f} GiB model do not fit in {usable / 2**30:.2f} GiB "
-            f"({dep.gpu_memory_utilization:g} of {profile.device_name})")
-    return math.floor(free / dep.workers_per_gpu / mode.kv_bytes_per_token)
+            f"{scenario.path}: deployment.kv_cache_tokens: {dep.kv_cache_tokens:,} tokens per worker do not fit: "
+            f"{usable / 2**30:.2f} GiB ({dep.gpu_memory_utilization:g} of {profile.device_name}) less "
+            f"{dep.workers_per_gpu} x the {mode.weights_bytes / 2**30:.2f} GiB model holds at most {fits:,}")
+    return dep.kv_cache_tokens
 
 
 def make_scheduler(scenario: Scenario, profile: Profile, kv_capacity: float):

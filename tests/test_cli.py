@@ -78,6 +78,12 @@ BAD_SCENARIOS = [
     (lambda s: s.update(autoscaler={"policy": "queue-depth", "max_replicas": 2, "min_replicas": 3,
                                     "target_queue_per_replica": 4}), "autoscaler.max_replicas: must be >= 3"),
     (lambda s: s["deployment"].update(workers_per_gpu=100, gpu_memory_utilization=0.1), "do not fit"),
+    # A set KV cache skipped the weights' check: a million copies of the model ran as if they fitted.
+    (lambda s: s["deployment"].update(workers_per_gpu=100, kv_cache_tokens=10),
+     "deployment.workers_per_gpu: 100 copies of the 9.31 GiB model do not fit in 83.82 GiB"),
+    (lambda s: s["deployment"].update(kv_cache_tokens=10**9),  # 1 TB of cache on a 100 GB card
+     "deployment.kv_cache_tokens: 1,000,000,000 tokens per worker do not fit: 83.82 GiB (0.9 of synthetic test "
+     "device) less 1 x the 9.31 GiB model holds at most 80,000,000"),
     (lambda s: s["workload"].update(num_requests=None, duration_s=0.001), "workload: generates no request"),
     (lambda s: s["workload"]["arrivals"].update(rate=1e-30),  # the passes vanished: every latency 0.0
      "workload: arrivals run past 1e+12 s, where the clock cannot time a forward pass"),
