@@ -144,6 +144,7 @@ class Worker:
             return
         req.worker = self.index
         self.outstanding += 1
+        self.sim.busy.add(self)
         self.wake()
 
     def wake(self) -> None:
@@ -220,6 +221,8 @@ class Worker:
             sim.batch_sizes[step.prefill_seqs + step.decode_seqs] += repeat
             for r in sched.postprocess(step, env.now, repeat):
                 self.outstanding -= 1
+                if not self.outstanding:
+                    sim.busy.discard(self)
                 sim.finish(r)
             if sim.ttft_window is not None and step.prefill:
                 for r, _ in step.prefill:
@@ -273,6 +276,9 @@ class Simulation:
         self.live: list[Replica] = []
         self.workers: list[Worker] = []
         self.ready: list[Worker] = []  # workers the router may choose
+        # Workers holding a request, which the monitor reads: an idle one has no queue, batch or cache,
+        # and reading 100,000 of them at every sample took 229 s over a run of 50 requests.
+        self.busy: set[Worker] = set()
         self.rr = 0
         self.closed = False  # every request has arrived
         self.busy_s = 0.0
@@ -460,7 +466,7 @@ class Simulation:
     def monitor(self, interval: float, bounded: bool):
         env, s = self.env, self.samples
         while True:
-            workers = [w for r in self.live for w in r.workers]  # a stopped replica holds nothing
+            workers = self.busy  # sums of ints: the set's order does not matter
             s["time_s"].append(env.now)
             s["queued"].append(sum(w.scheduler.num_waiting for w in workers))
             s["running"].append(sum(w.scheduler.num_running for w in workers))

@@ -319,6 +319,61 @@ def test_the_autoscalers_sleep_changes_nothing(write_profile, write_scenario, po
     pd.testing.assert_frame_equal(frame, ticked_frame)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    batching=st.sampled_from([{"policy": "static", "max_batch_size": 4}, {"policy": "dynamic", "max_batch_size": 4},
+                              {"policy": "continuous", "max_num_seqs": 8},
+                              {"policy": "continuous", "max_num_seqs": 8, "kv_layout": "padded"},
+                              {"policy": "continuous", "max_batched_tokens": 256, "chunked_prefill": True}]),
+    kv_tokens=st.sampled_from([1200, 5000, 10**6]),  # 1,200: preemptions
+    autoscale=st.booleans(),
+    workers_per_gpu=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_the_monitor_reading_only_busy_workers_sees_what_reading_all_sees(write_profile, write_scenario, batching,
+                                                                          kv_tokens, autoscale, workers_per_gpu, seed):
+    """An idle worker holds no queue, batch or cache, so the time series may skip it: they must be the
+    same as when every live worker is read, through preemptions, padded batches and drained replicas."""
+    from sim import results
+    from sim.simulator import Simulation
+
+    profile = write_profile(prefill=lambda b, p: 0.003 + 2e-5 * b * p, decode=lambda b, c: 0.005 + 1e-3 * b,
+                            model_load_s=1.0)
+    s = base_scenario(profile, replicas=2, workers_per_gpu=workers_per_gpu, kv_cache_tokens=kv_tokens,
+                      batching=batching)
+    s["seed"] = seed
+    s["workload"] |= {"num_requests": 150, "arrivals": {"kind": "bursty", "rates": [0.5, 40.0], "mean_durations_s": [10, 3]}}
+    if autoscale:
+        s["autoscaler"] = {"policy": "queue-depth", "target_queue_per_replica": 4, "min_replicas": 1,
+                           "max_replicas": 4, "interval_s": 0.5, "cooldown_s": 1}
+    path = write_scenario(s)
+    run, _, _ = run_scenario(path)
+
+    class EveryLiveWorker:
+        def __init__(self, sim):
+            self.sim = sim
+
+        def add(self, worker):
+            pass
+
+        def discard(self, worker):
+            pass
+
+        def __iter__(self):
+            return (w for r in self.sim.live for w in r.workers)
+
+    init = Simulation.__init__
+
+    def reading_all(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.busy = EveryLiveWorker(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Simulation, "__init__", reading_all)
+        read_all, _, _ = run_scenario(path)
+    pd.testing.assert_frame_equal(results.timeseries_frame(run), results.timeseries_frame(read_all))
+
+
 def test_the_autoscaler_sleeps_through_its_cooldown_and_acts_at_its_end(write_profile, write_scenario):
     """Every request in hand asks for the most replicas, and a cooldown of 10^7 s holds them there:
     at 0.01 s ticks it ticked 10^9 times through it. It now sleeps to the cooldown's last ticks."""
