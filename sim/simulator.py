@@ -279,6 +279,9 @@ class Simulation:
         # Workers holding a request, which the monitor reads: an idle one has no queue, batch or cache,
         # and reading 100,000 of them at every sample took 229 s over a run of 50 requests.
         self.busy: set[Worker] = set()
+        # Workers on loaded replicas not yet stopped, whose KV caches the monitor counts: a draining
+        # replica still holds its cache, and its requests still use it.
+        self.holding = 0
         self.rr = 0
         self.closed = False  # every request has arrived
         self.busy_s = 0.0
@@ -315,6 +318,8 @@ class Simulation:
         if cold_start_s > 0:
             yield self.env.timeout(cold_start_s)
         replica.ready = True
+        if replica.stopped_at == math.inf:  # not drained while it loaded
+            self.holding += len(replica.workers)
         if not replica.draining:
             self.ready.extend(replica.workers)
         for worker in replica.workers:
@@ -331,6 +336,8 @@ class Simulation:
     def _stop(self, replica: Replica) -> None:
         replica.stopped_at = self.env.now
         self.live.remove(replica)
+        if replica.ready:
+            self.holding -= len(replica.workers)
 
     def drain_replica(self) -> None:
         replica = next(r for r in reversed(self.live) if not r.draining)
@@ -473,9 +480,7 @@ class Simulation:
             s["replicas"].append(len(self.live))
             s["ready_replicas"].append(len(self.ready) // self.scenario.deployment.workers_per_gpu)
             s["kv_used_tokens"].append(sum(w.scheduler.kv_used for w in workers))
-            # A draining replica still holds its cache, and its requests still use it.
-            holding = sum(len(r.workers) for r in self.live if r.ready)
-            s["kv_capacity_tokens"].append(self.kv_capacity * holding)
+            s["kv_capacity_tokens"].append(self.kv_capacity * self.holding)
             if bounded and len(s["time_s"]) > MAX_SAMPLES:
                 # The default interval spreads ~1,000 samples over the arrivals, but a run can last far
                 # past them: a saturation flood, every request at 0 s, sampled every 10 ms for an hour,

@@ -332,20 +332,21 @@ def test_the_autoscalers_sleep_changes_nothing(write_profile, write_scenario, po
 )
 def test_the_monitor_reading_only_busy_workers_sees_what_reading_all_sees(write_profile, write_scenario, batching,
                                                                           kv_tokens, autoscale, workers_per_gpu, seed):
-    """An idle worker holds no queue, batch or cache, so the time series may skip it: they must be the
-    same as when every live worker is read, through preemptions, padded batches and drained replicas."""
+    """An idle worker holds no queue, batch or cache, so the time series may skip it, and the cache
+    counted is kept as replicas load and stop: they must be the same as when every live worker and
+    replica is read at each sample, through preemptions, padded batches and drained replicas."""
     from sim import results
     from sim.simulator import Simulation
 
     profile = write_profile(prefill=lambda b, p: 0.003 + 2e-5 * b * p, decode=lambda b, c: 0.005 + 1e-3 * b,
-                            model_load_s=1.0)
+                            model_load_s=2.0)
     s = base_scenario(profile, replicas=2, workers_per_gpu=workers_per_gpu, kv_cache_tokens=kv_tokens,
                       batching=batching)
     s["seed"] = seed
     s["workload"] |= {"num_requests": 150, "arrivals": {"kind": "bursty", "rates": [0.5, 40.0], "mean_durations_s": [10, 3]}}
     if autoscale:
         s["autoscaler"] = {"policy": "queue-depth", "target_queue_per_replica": 4, "min_replicas": 1,
-                           "max_replicas": 4, "interval_s": 0.5, "cooldown_s": 1}
+                           "max_replicas": 4, "interval_s": 0.5, "cooldown_s": 0}  # some drained while they load
     path = write_scenario(s)
     run, _, _ = run_scenario(path)
 
@@ -370,6 +371,8 @@ def test_the_monitor_reading_only_busy_workers_sees_what_reading_all_sees(write_
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Simulation, "__init__", reading_all)
+        patch.setattr(Simulation, "holding", property(lambda self: sum(len(r.workers) for r in self.live if r.ready),
+                                                      lambda self, value: None), raising=False)
         read_all, _, _ = run_scenario(path)
     pd.testing.assert_frame_equal(results.timeseries_frame(run), results.timeseries_frame(read_all))
 
