@@ -227,7 +227,7 @@ class Worker:
             if sim.ttft_window is not None and step.prefill:
                 for r, _ in step.prefill:
                     if r.first_token_at == env.now:
-                        sim.ttft_window.append((env.now, env.now - r.arrived_at))
+                        sim.ttft_window.add(env.now, env.now - r.arrived_at)
                         sim.signal_change()
 
 
@@ -250,6 +250,31 @@ class Replica:
     stopped_at: float = math.inf
     last_pass_end: float = -math.inf  # when the device last finished a forward pass
     passes_running: int = 0  # its workers' passes in flight: while any runs, the device is not idle
+
+
+class TtftWindow:
+    """The TTFTs of the last window, by first-token time, for the latency autoscaler's percentile."""
+
+    def __init__(self):
+        # Apart, not (time, TTFT) pairs: np.fromiter reads a deque of floats at C speed, where a list
+        # built from the pairs at every tick took 2.4x the run over a 300-s window at 200 req/s.
+        self.times: deque[float] = deque()
+        self.values: deque[float] = deque()
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def add(self, at: float, ttft: float) -> None:
+        self.times.append(at)
+        self.values.append(ttft)
+
+    def expire(self, before: float) -> None:
+        while self.times and self.times[0] < before:
+            self.times.popleft()
+            self.values.popleft()
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(np.fromiter(self.values, float, len(self.values)), q))
 
 
 class Simulation:
@@ -291,7 +316,7 @@ class Simulation:
         self.actions: list[tuple[float, str, int, int, str]] = []
         self.cache: OrderedDict[int, float] | None = OrderedDict() if scenario.response_cache else None
         auto = scenario.autoscaler
-        self.ttft_window: deque | None = deque() if auto and auto.policy == "latency" else None
+        self.ttft_window: TtftWindow | None = TtftWindow() if auto and auto.policy == "latency" else None
         # Succeeds when a request next arrives, finishes or gets its first token, while the autoscaler
         # sleeps on it (`autoscaler`).
         self.changed: simpy.Event | None = None
@@ -429,10 +454,9 @@ class Simulation:
                 desired = math.ceil(outstanding / spec.target_queue_per_replica)
                 reason = f"{outstanding} outstanding, target {spec.target_queue_per_replica:g}/replica"
             else:
-                while window and window[0][0] < env.now - spec.window_s:
-                    window.popleft()
+                window.expire(env.now - spec.window_s)
                 if window:
-                    p = float(np.percentile([t for _, t in window], spec.percentile))
+                    p = window.percentile(spec.percentile)
                     desired = (n + 1 if p > spec.target_ttft_s else
                                n - 1 if p < spec.target_ttft_s * spec.scale_down_ratio else n)
                     reason = f"p{spec.percentile:g} TTFT {p:.3f}s, target {spec.target_ttft_s:g}s"
@@ -447,7 +471,7 @@ class Simulation:
                 # (ticking through lulls took hours).
                 until = math.inf if desired == n else last_action + spec.cooldown_s
                 if window:
-                    until = min(until, window[0][0] + spec.window_s)
+                    until = min(until, window.times[0] + spec.window_s)
                 k = yield from self._sleep(k, every, until)
                 continue
             last_action = env.now
