@@ -134,6 +134,12 @@ def test_a_configuration_that_rejects_more_than_the_percentile_allows_fails_and_
     ({"search": {"deployment.replicas": [1, 1]}}, "two configurations are named 'replicas=1'"),
     # Its bisection simulated half a trillion replicas: a worker died and the pool broke.
     ({"target_rps": 5, "max_replicas": 10**12}, "max_replicas: must be <= 100000"),
+    # Both priced the replicas an autoscaler resized: a target search got the same p95 TTFT from 8 to
+    # 16 replicas (it kept at most 6), and requests per dollar counted the replicas it began with.
+    *[(plan | {"search": {"autoscaler": [{"policy": "queue-depth", "target_queue_per_replica": 4,
+                                          "max_replicas": 6}]}},
+       "]: autoscaler: a plan sizes fixed deployments, which an autoscaler resizes as it runs")
+      for plan in ({}, {"target_rps": 8})],
     # Ten million configurations were built one by one before the first simulation.
     ({"search": {"seed": list(range(1000)), "workload.num_requests": list(range(1, 10001))}},
      "search: 1000 x 10000 values cross into 10,000,000 configurations, more than a plan runs (10,000)"),
