@@ -42,10 +42,12 @@ def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
     usable = profile.memory_bytes * dep.gpu_memory_utilization
     free = usable - dep.workers_per_gpu * mode.weights_bytes
     if free <= 0:
-        raise InputError(
-            f"{scenario.path}: deployment.workers_per_gpu: {dep.workers_per_gpu} copies of the "
-            f"{mode.weights_bytes / 2**30:.2f} GiB model do not fit in {usable / 2**30:.2f} GiB "
-            f"({dep.gpu_memory_utilization:g} of {profile.device_name})")
+        memory = f"{usable / 2**30:.2f} GiB ({dep.gpu_memory_utilization:g} of {profile.device_name})"
+        weights = f"the {mode.weights_bytes / 2**30:.2f} GiB model"
+        if dep.workers_per_gpu == 1:  # then the memory is what is short
+            raise InputError(f"{scenario.path}: deployment.gpu_memory_utilization: {memory} does not hold {weights}")
+        raise InputError(f"{scenario.path}: deployment.workers_per_gpu: {dep.workers_per_gpu} copies of {weights} "
+                         f"do not fit in {memory}")
     if mode.kv_bytes_per_token == 0:  # no KV cache: nothing is kept between steps
         # A prompt's later chunks attend to its earlier ones' KV, and a prefix hit reuses another's.
         needs_cache = {"kv_cache_tokens": dep.kv_cache_tokens is not None,

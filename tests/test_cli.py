@@ -78,6 +78,8 @@ BAD_SCENARIOS = [
     (lambda s: s.update(autoscaler={"policy": "queue-depth", "max_replicas": 2, "min_replicas": 3,
                                     "target_queue_per_replica": 4}), "autoscaler.max_replicas: must be >= 3"),
     (lambda s: s["deployment"].update(workers_per_gpu=100, gpu_memory_utilization=0.1), "do not fit"),
+    (lambda s: s["deployment"].update(gpu_memory_utilization=0.05),  # it blamed "1 copies" of the model
+     "deployment.gpu_memory_utilization: 4.66 GiB (0.05 of synthetic test device) does not hold the 9.31 GiB model"),
     # A set KV cache skipped the weights' check: a million copies of the model ran as if they fitted.
     (lambda s: s["deployment"].update(workers_per_gpu=100, kv_cache_tokens=10),
      "deployment.workers_per_gpu: 100 copies of the 9.31 GiB model do not fit in 83.82 GiB"),
