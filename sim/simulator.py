@@ -41,9 +41,9 @@ def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
     # million copies of the model ran as if they fitted.
     usable = profile.memory_bytes * dep.gpu_memory_utilization
     free = usable - dep.workers_per_gpu * mode.weights_bytes
+    memory = f"{usable / 2**30:.2f} GiB ({dep.gpu_memory_utilization:g} of {profile.device_name})"
+    weights = f"the {mode.weights_bytes / 2**30:.2f} GiB model"
     if free <= 0:
-        memory = f"{usable / 2**30:.2f} GiB ({dep.gpu_memory_utilization:g} of {profile.device_name})"
-        weights = f"the {mode.weights_bytes / 2**30:.2f} GiB model"
         if dep.workers_per_gpu == 1:  # then the memory is what is short
             raise InputError(f"{scenario.path}: deployment.gpu_memory_utilization: {memory} does not hold {weights}")
         raise InputError(f"{scenario.path}: deployment.workers_per_gpu: {dep.workers_per_gpu} copies of {weights} "
@@ -62,10 +62,8 @@ def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
     if dep.kv_cache_tokens is None:
         return fits
     if dep.kv_cache_tokens > fits:
-        raise InputError(
-            f"{scenario.path}: deployment.kv_cache_tokens: {dep.kv_cache_tokens:,} tokens per worker do not fit: "
-            f"{usable / 2**30:.2f} GiB ({dep.gpu_memory_utilization:g} of {profile.device_name}) less "
-            f"{dep.workers_per_gpu} x the {mode.weights_bytes / 2**30:.2f} GiB model holds at most {fits:,}")
+        raise InputError(f"{scenario.path}: deployment.kv_cache_tokens: {dep.kv_cache_tokens:,} tokens per worker "
+                         f"do not fit: {memory} less {dep.workers_per_gpu} x {weights} holds at most {fits:,}")
     return dep.kv_cache_tokens
 
 
