@@ -210,7 +210,7 @@ def main(argv=None) -> int:
 
         from calibration import profile as profile_file
         from calibration.cost_model import EngineOverhead, held_out_errors
-        from profiler.models import build
+        from profiler.models import build, check_fits
 
         device = pick_device(args)
         serving_regime(device, args.threads)
@@ -225,6 +225,8 @@ def main(argv=None) -> int:
         check_writable(out)  # the default path is known only now, from the device
         spec = GRIDS[device.type + ("-quick" if args.quick else "")]
 
+        # The widest dtype: the model is built in the first mode's and converted to each mode's.
+        check_fits(model_spec, max((DTYPES[m.dtype] for m in modes), key=lambda d: d.itemsize), device)
         started = time.perf_counter()
         load_start = time.perf_counter()
         model = build(model_spec, DTYPES[modes[0].dtype], device, args.quiet)

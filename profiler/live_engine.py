@@ -240,9 +240,10 @@ def build_for_profile(profile, mode_name: str, device: torch.device, quiet: bool
     """The profile's model, in the profile's mode, on `device` (`quiet`: as `build`)."""
     from profiler.measure import DTYPES
     from profiler.regime import compile_model
-    from profiler.models import build, lookup
+    from profiler.models import build, check_fits, lookup
 
-    mode = profile.modes[mode_name]
-    model = build(lookup(profile.model_name), DTYPES[mode.dtype], device, quiet)
+    mode, spec = profile.modes[mode_name], lookup(profile.model_name)
+    check_fits(spec, DTYPES[mode.dtype], device)
+    model = build(spec, DTYPES[mode.dtype], device, quiet)
     return compile_model(model) if mode.compiled else model
 

@@ -69,11 +69,22 @@ def allocations_fail_past_memory(device: torch.device):
 
 def _address_space_cap() -> int | None:
     """Bytes of address space this process holds plus the memory available (None off Linux)."""
+    available = available_memory(torch.device("cpu"))
+    try:
+        with open("/proc/self/status") as f:
+            held = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration):
+        return None
+    return None if available is None else available + held
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes `device` can still give: a GPU's free memory, a CPU's MemAvailable (None off Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        with open("/proc/self/status") as f:
-            return available + next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
         return None
 

@@ -424,6 +424,18 @@ def test_an_unwritable_out_fails_before_the_work(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_profile_refuses_a_model_whose_weights_exceed_the_free_memory_in_its_widest_mode(tmp_path):
+    # 20 MiB free: gpt2-tiny's weights take 15 MiB in bf16, which the model is built in, and 30
+    # in fp32, which it is converted to for the second mode.
+    out = tmp_path / "p.json"
+    script = ("import sys; from profiler import regime; regime.available_memory = lambda device: 20 * 2**20; "
+              f"from profiler.cli import main; sys.exit(main(['--device', 'cpu', '--quick', '--modes', 'bf16,fp32', "
+              f"'--out', {str(out)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert_one_line_error(proc, "gpt2-tiny: its weights take 0.03 GiB in float32, more than the 0.02 GiB free on cpu")
+    assert not out.exists()
+
+
 def test_profile_unknown_model_lists_the_known_ones():
     proc = run("profiler.cli", "--device", "cpu", "--model", "gpt5")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

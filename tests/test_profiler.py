@@ -455,3 +455,24 @@ def test_a_cpu_pass_too_big_for_memory_fails_rather_than_being_killed():
             torch.empty(cap, dtype=torch.uint8)  # the whole cap, beside what the process holds
     assert is_oom(error.value)
     assert resource.getrlimit(resource.RLIMIT_AS) == before
+
+
+def test_a_model_whose_weights_do_not_fit_is_refused_before_it_is_built(monkeypatch):
+    """Linux overcommits: llama-3.1-8b in fp32 (30 GiB) on this project's 23 GiB VM was built and
+    then killed by the kernel a minute later, with no word of why. The weights are counted on the
+    meta device, to the byte."""
+    torch = pytest.importorskip("torch")
+    from profiler import regime
+    from profiler.models import MODELS, build, check_fits
+    from sim.errors import InputError
+
+    spec, cpu = MODELS["gpt2-tiny"], torch.device("cpu")
+    model = build(spec, torch.float32, cpu)
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    monkeypatch.setattr(regime, "available_memory", lambda device: weights)
+    check_fits(spec, torch.float32, cpu)
+    monkeypatch.setattr(regime, "available_memory", lambda device: weights - 1)
+    check_fits(spec, torch.bfloat16, cpu)
+    with pytest.raises(InputError, match=r"^gpt2-tiny: its weights take 0.03 GiB in float32, more than the 0.03 GiB "
+                                         r"free on cpu$"):
+        check_fits(spec, torch.float32, cpu)
