@@ -250,6 +250,12 @@ def _batching(b: Fields) -> Batching:
                         chunked_prefill=b.bool("chunked_prefill", False),
                         prefix_caching=b.bool("prefix_caching", False),
                         kv_layout=b.str("kv_layout", "paged", choices=("paged", "padded")))
+        # Each running sequence decodes one token a step, inside the budget. Under max_num_seqs the
+        # budget capped the batch with chunked prefill and was overrun without it; vLLM refuses it.
+        if spec.max_batched_tokens < spec.max_num_seqs:
+            b.fail(f"{spec.max_batched_tokens} tokens is less than max_num_seqs ({spec.max_num_seqs}): every "
+                   "running sequence decodes a token in each step, within this budget (vLLM refuses it too)",
+                   "max_batched_tokens")
         # Both work on a paged cache's blocks; a padded cache (HF generate, TGI v1) has neither.
         for key in ("chunked_prefill", "prefix_caching"):
             if spec.kv_layout == "padded" and getattr(spec, key):

@@ -107,6 +107,9 @@ BAD_SCENARIOS = [
      "workload.num_requests: the trace holds 19,366 requests"),
     (lambda s: s["deployment"].update(batching={"policy": "continuous", "kv_layout": "padded", "prefix_caching": True}),
      "deployment.batching.prefix_caching: prefix caching needs a paged KV cache"),
+    # A budget under the batch: with chunked prefill it capped the batch at 30, without it 64 decodes overran it.
+    (lambda s: s["deployment"].update(batching={"policy": "continuous", "max_num_seqs": 64, "max_batched_tokens": 30}),
+     "deployment.batching.max_batched_tokens: 30 tokens is less than max_num_seqs (64)"),
     # A mode with no KV cache priced a prefix cache's hits and chunks attending to earlier chunks.
     (lambda s: s["deployment"].update(profile="cpu-gpt2-tiny", mode="fp32-nocache",
                                       batching={"policy": "continuous", "chunked_prefill": True}),

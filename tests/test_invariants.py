@@ -140,7 +140,8 @@ def test_a_run_that_serves_nothing_reports_zero_rates_as_strict_json(write_profi
 def test_a_batch_limit_far_above_the_requests_counts_passes_up_to_the_requests(write_profile, write_scenario):
     """A limit of 10^9 rows reads as "no limit": it allocated a counter per possible batch size,
     8 GB, or stopped on MemoryError, reported as too many requests."""
-    s = base_scenario(write_profile(), batching={"policy": "continuous", "max_num_seqs": 10**9})
+    s = base_scenario(write_profile(), batching={"policy": "continuous", "max_num_seqs": 10**9,
+                                                 "max_batched_tokens": 10**9})
     s["workload"] |= {"num_requests": 20, "arrivals": {"kind": "poisson", "rate": 1e6}}
     run, frame, summary = run_scenario(write_scenario(s))
     check_invariants(run, frame, summary, s)

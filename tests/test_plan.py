@@ -96,7 +96,7 @@ def test_a_configuration_that_rejects_every_request_says_so(tmp_path, write_prof
     # saturation to bisect below, and one run at the base rate says why.
     path = write_plan(tmp_path, write_profile(), {
         "slo": {"e2e": {"max_s": 1.0}},
-        "search": {"deployment.batching": [{"policy": "continuous", "max_batched_tokens": 8}]}})
+        "search": {"deployment.batching": [{"policy": "continuous", "max_num_seqs": 8, "max_batched_tokens": 8}]}})
     proc, result = run_plan(path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "rejects 400 of 400 requests (prompt_exceeds_max_batched_tokens 400)" in proc.stderr

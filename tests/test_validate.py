@@ -100,10 +100,12 @@ def test_at_run_speed_prices_prefill_and_decode_each_at_its_own_speed():
 @pytest.mark.parametrize("args,message", [
     (["scenarios/bursty.yaml"], "autoscaler: validate runs a fixed deployment"),
     # the fix that message suggests passes that check, and meets the next
-    (["scenarios/bursty.yaml", "--set", "autoscaler={policy: off}", "--set", "deployment.batching.max_batched_tokens=8"],
+    (["scenarios/bursty.yaml", "--set", "autoscaler={policy: off}", "--set", "deployment.batching.max_batched_tokens=8",
+      "--set", "deployment.batching.max_num_seqs=8"],
      "deployment: it rejects every request of the workload"),
     # prompts of 32 tokens or more over a token budget of 8: no request can run
-    (["scenarios/validation/steady.yaml", "--set", "deployment.batching.max_batched_tokens=8"],
+    (["scenarios/validation/steady.yaml", "--set", "deployment.batching.max_batched_tokens=8",
+      "--set", "deployment.batching.max_num_seqs=8"],
      "deployment: it rejects every request of the workload"),
 ])
 def test_validate_refuses_what_the_live_engine_cannot_run(tmp_path, args, message):
