@@ -253,9 +253,12 @@ def shortfall(r: dict) -> str:
         return f"rejects {sum(p['rejected'].values()):,} of {p['requests']:,} requests ({reasons})"
     metric, _ = _worst(p)
     t = p["slo"][metric]
-    replicas = f"{p['replicas']} replica" + ("s" if p["replicas"] != 1 else "")
     return (f"misses the SLO by {r['miss']:.0%} ({metric} p{t['percentile']:g} {fmt_seconds(t['value_s'])} "
-            f"against {fmt_seconds(t['max_s'])}, at {p['offered_rps']:.2f} req/s on {replicas})")
+            f"against {fmt_seconds(t['max_s'])}, at {p['offered_rps']:.2f} req/s on {fmt_replicas(p['replicas'])})")
+
+
+def fmt_replicas(n: int) -> str:
+    return f"{n} replica" + ("s" if n != 1 else "")
 
 
 def find_max_rate(config: Config) -> dict:
@@ -353,7 +356,7 @@ def recommend(results: list[dict], target_rps: float | None) -> dict | None:
                f"{best['requests_per_dollar']:,.0f} requests per dollar")
     else:  # the cheapest deployment that meets the target
         best = min(feasible, key=lambda r: (r["usd_per_hour"], -(r["at_target"]["throughput_rps"])))
-        why = f"{best['replicas']} replicas at ${best['usd_per_hour']:.2f}/hour meet {target_rps:g} req/s"
+        why = f"meets {target_rps:g} req/s on {fmt_replicas(best['replicas'])} at ${best['usd_per_hour']:.2f}/hour"
     slack = -_miss(operating_point(best))
     return {"config": best["config"], "why": why, "slo_margin": slack}
 

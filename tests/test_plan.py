@@ -45,6 +45,17 @@ def test_target_mode_finds_the_fewest_replicas(tmp_path, write_profile):
     assert header.startswith("configuration") and row.startswith("* base") and len(header) == len(row)
 
 
+def test_a_target_one_replica_meets_is_told_in_the_singular(tmp_path, write_profile):
+    # It read "1 replicas at $0.50/hour meet 2 req/s", in the summary and the report alike.
+    path = write_plan(tmp_path, write_profile(prefill=lambda b, p: 0.1), {
+        "target_rps": 5, "max_replicas": 4, "slo": {"e2e": {"max_s": 1.0, "percentile": 95}}})
+    proc, result = run_plan(path)
+    assert proc.returncode == 0, proc.stderr
+    assert result["results"][0]["replicas"] == 1
+    assert "recommended: base — meets 5 req/s on 1 replica at $" in proc.stdout
+    assert "<td>1 replica</td>" in (tmp_path / "out" / "report.html").read_text()
+
+
 def test_max_rate_scales_with_replicas_and_stays_below_saturation(tmp_path, write_profile):
     profile = write_profile(prefill=lambda b, p: 0.1)
     path = write_plan(tmp_path, profile, {"slo": {"e2e": {"max_s": 0.5, "percentile": 95}},
