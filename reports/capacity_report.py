@@ -8,7 +8,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from reports.html import figure, page, table
-from sim.plan import fmt_replicas, operating_point, shortfall
+from sim.plan import operating_point, shortfall
+from sim.results import counted
 
 
 def _latency_vs_load(results: list[dict], metric: str, target: dict, x_key: str, x_title: str) -> go.Figure:
@@ -66,7 +67,8 @@ def write_capacity_report(summary: dict, path: Path) -> None:
             rows.append([r["config"], f"{r['max_rps']:.2f} req/s", f"${p['usd_per_million_output_tokens'] or 0:.3f}",
                          f"{r['requests_per_dollar']:,.0f}", f"{p['e2e_p95_s']:.2f} s"])
         else:
-            rows.append([r["config"], fmt_replicas(r["replicas"]), f"${p['usd_per_million_output_tokens'] or 0:.3f}",
+            rows.append([r["config"], counted(r["replicas"], "replica"),
+                         f"${p['usd_per_million_output_tokens'] or 0:.3f}",
                          f"${r['usd_per_hour']:.2f}/h", f"{p['e2e_p95_s']:.2f} s"])
     header = (["configuration", "max rate within SLO", "$ per 1M output tokens", "requests per $", "p95 E2E"]
               if target is None else

@@ -12,7 +12,7 @@ from plotly.subplots import make_subplots
 
 from reports.html import figure, page, table
 from sim.errors import InputError, parse_words
-from sim.results import fmt_cache_hits, fmt_seconds, fmt_slo_value
+from sim.results import counted, fmt_cache_hits, fmt_seconds, fmt_slo_value
 
 METRICS = (("ttft_s", "TTFT"), ("tpot_s", "TPOT"), ("e2e_s", "E2E"))
 
@@ -77,7 +77,7 @@ def _summary_section(s: dict) -> str:
         ["cost", f"${s['cost_usd']:.2f}" + (f" · ${cost_m:.3f} per 1M output tokens" if cost_m else "")],
         ["batching", f"mean batch {s['mean_batch_size']:.2f} over {s['forward_passes']:,} passes"],
         ["KV cache", "no KV cache" if kv is None else f"mean {kv:.1%}, max {s['kv_cache_utilization_max']:.1%}"],
-        ["preemptions · autoscaler", f"{s['preemptions']:,} · {s['autoscaler_actions']} actions"],
+        ["preemptions · autoscaler", f"{s['preemptions']:,} · {counted(s['autoscaler_actions'], 'action')}"],
         ["cache hits", fmt_cache_hits(s)],
     ]
     verdict = ("<span class='pass'>SLO MET</span>" if s["slo_met"] else "<span class='fail'>SLO MISSED</span>") \
@@ -185,7 +185,7 @@ def write_run_report(folder: Path) -> Path:
             [[f"{r.time_s:.1f} s", r.action, f"{r.replicas_before} → {r.replicas_after}", r.reason]
              for r in actions.itertuples()])]
     subtitle = (f"{s['policy']} batching · profile {s['profile']} / {s['mode']} · seed {s['seed']} · "
-                f"{s['requests']:,} requests over {s['simulated_s']:.0f} simulated seconds")
+                f"{counted(s['requests'], 'request')} over {fmt_seconds(s['simulated_s'])} of simulated time")
     out = folder / "report.html"
     page(f"servesim: {s['scenario']}", subtitle, sections, out)
     return out

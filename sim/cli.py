@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary, indent=2))
         else:
             print(results.table(summary))
-            print(f"\n{len(trace):,} requests simulated in {wall:.2f} s wall ({len(trace) / wall:,.0f} req/s); "
-                  f"results in {out}/")
+            print(f"\n{results.counted(len(trace), 'request')} simulated in {wall:.2f} s wall "
+                  f"({len(trace) / wall:,.0f} req/s); results in {out}/")
         return 0
 
     return run_command(run)

@@ -245,7 +245,7 @@ def shortfall(r: dict) -> str:
     """What keeps an infeasible configuration off the SLO, in words: its worst metric where it came
     closest (the light probe, or the most replicas tried), so a miss of thousands of percent reads
     as, say, a static batcher waiting for a full batch at 5% of its saturation."""
-    from sim.results import fmt_seconds
+    from sim.results import counted, fmt_seconds
 
     p = r["closest"]
     if math.isinf(r["miss"]) and p["rejected"]:  # the percentile falls among the requests it turns away
@@ -254,11 +254,8 @@ def shortfall(r: dict) -> str:
     metric, _ = _worst(p)
     t = p["slo"][metric]
     return (f"misses the SLO by {r['miss']:.0%} ({metric} p{t['percentile']:g} {fmt_seconds(t['value_s'])} "
-            f"against {fmt_seconds(t['max_s'])}, at {p['offered_rps']:.2f} req/s on {fmt_replicas(p['replicas'])})")
-
-
-def fmt_replicas(n: int) -> str:
-    return f"{n} replica" + ("s" if n != 1 else "")
+            f"against {fmt_seconds(t['max_s'])}, at {p['offered_rps']:.2f} req/s on "
+            f"{counted(p['replicas'], 'replica')})")
 
 
 def find_max_rate(config: Config) -> dict:
@@ -356,7 +353,10 @@ def recommend(results: list[dict], target_rps: float | None) -> dict | None:
                f"{best['requests_per_dollar']:,.0f} requests per dollar")
     else:  # the cheapest deployment that meets the target
         best = min(feasible, key=lambda r: (r["usd_per_hour"], -(r["at_target"]["throughput_rps"])))
-        why = f"meets {target_rps:g} req/s on {fmt_replicas(best['replicas'])} at ${best['usd_per_hour']:.2f}/hour"
+        from sim.results import counted
+
+        why = (f"meets {target_rps:g} req/s on {counted(best['replicas'], 'replica')} "
+               f"at ${best['usd_per_hour']:.2f}/hour")
     slack = -_miss(operating_point(best))
     return {"config": best["config"], "why": why, "slo_margin": slack}
 

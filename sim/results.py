@@ -144,6 +144,11 @@ def fmt_seconds(v: float | None) -> str:
     return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
 
 
+def counted(n: int, noun: str) -> str:
+    """"1 replica", "2 replicas": a count with its noun."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def fmt_cache_hits(summary: dict[str, Any]) -> str:
     """Both caches' hit rates, each counted as its own kind of cache is."""
     return (f"{summary['cache_hit_rate']:.1%} of requests (response cache), "
@@ -186,7 +191,7 @@ def table(summary: dict[str, Any]) -> str:
         ("preemptions", f"{s['preemptions']:,}"),
         ("cache hits", fmt_cache_hits(s)),
         ("cost", f"${s['cost_usd']:.2f}" + (f", ${cost_m:.3f} per 1M output tokens" if cost_m is not None else "")),
-        ("autoscaler", f"{s['autoscaler_actions']} actions"),
+        ("autoscaler", counted(s["autoscaler_actions"], "action")),
     ]
     lines.append("")
     lines += [f"{k:<12}{v}" for k, v in rows]

@@ -286,6 +286,14 @@ def test_a_results_folder_replaces_only_a_results_folder(tmp_path):
         assert (out / ".servesim").is_file()
 
 
+def test_a_run_of_one_request_counts_it_in_the_singular(tmp_path):
+    # It read "1 requests simulated" and, in the report, "1 requests over 0 simulated seconds".
+    proc = run("sim.cli", "scenarios/bursty.yaml", "--set", "workload.num_requests=1", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    assert "autoscaler  0 actions\n\n1 request simulated in" in proc.stdout
+    assert "1 request over 1.07 s of simulated time" in (tmp_path / "o" / "report.html").read_text()
+
+
 @pytest.mark.parametrize("args,message", [
     (("sim.cli", "scenarios/bursty.yaml", "--seed", "-1"), "seed: must be >= 0"),
     (("calibration.validate", "scenarios/validation/steady.yaml", "--requests", "0"),
