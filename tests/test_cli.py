@@ -338,6 +338,9 @@ def test_report_names_the_results_file_that_is_missing_or_corrupt(tmp_path):
         (out / name).write_bytes(good[name])
     (out / "requests.csv").unlink()
     assert_one_line_error(run("reports.cli", str(out)), "requests.csv is missing")
+    # Neither a folder nor a profile: a file was a NotADirectoryError's traceback.
+    assert_one_line_error(run("reports.cli", str(out / "summary.json" / "x")), "no such folder or profile")
+    assert_one_line_error(run("reports.cli", str(out / "timeseries.csv")), "not a results folder nor a profile")
 
 
 def test_a_workload_too_big_for_memory_is_one_line_and_writes_nothing(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -67,7 +68,8 @@ def test_rebuilt_report_matches(tmp_path):
     assert_report_rebuilds_identically(out)
 
 
-def test_profile_report_renders(tmp_path):
+def test_profile_report_renders_and_report_rebuilds_it_beside_the_profile(tmp_path):
+    # A shipped profile's report is not in git, and `report <profile>` was a NotADirectoryError.
     from calibration.profile import load
     from reports.profile_report import write_report
 
@@ -75,6 +77,19 @@ def test_profile_report_renders(tmp_path):
     html.parent.mkdir()
     write_report(load(ROOT / "calibration/profiles/cpu-gpt2-tiny.json"), html)
     check(html, tmp_path)
+    shutil.copy(ROOT / "calibration/profiles/cpu-gpt2-tiny.json", tmp_path / "p.json")
+    proc = subprocess.run([sys.executable, "-m", "reports.cli", str(tmp_path / "p.json")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "p.html").read_bytes() == html.read_bytes()
+    # Fields the profile's parser leaves to the report: a string among the peak memories was a traceback.
+    profile = json.loads((tmp_path / "p.json").read_text())
+    profile["modes"]["fp32"]["decode"]["peak_memory_bytes"] = [["x"]]
+    (tmp_path / "p.json").write_text(json.dumps(profile))
+    proc = subprocess.run([sys.executable, "-m", "reports.cli", str(tmp_path / "p.json")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "p.json: the profile lacks what the report needs (ValueError: could not convert string" in proc.stderr
 
 
 def test_capacity_report_renders(tmp_path):
