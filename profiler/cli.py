@@ -63,7 +63,8 @@ def parse_args(argv):
     p.add_argument("--out", type=file_path, help="profile file (default: calibration/profiles/<device>-<model>.json; "
                                             "with --quick, results/profiles/<device>-<model>-quick.json, so a "
                                             "smoke check never replaces a shipped profile)")
-    p.add_argument("--no-report", action="store_true", help="skip the HTML report beside the profile")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report beside the profile "
+                   "(`report <profile.json>` draws it later)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
