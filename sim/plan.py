@@ -344,6 +344,8 @@ def pareto(results: list[dict]) -> list[str]:
 
 
 def recommend(results: list[dict], target_rps: float | None) -> dict | None:
+    from sim.results import counted
+
     feasible = [r for r in results if r["feasible"]]
     if not feasible:
         return None
@@ -353,8 +355,6 @@ def recommend(results: list[dict], target_rps: float | None) -> dict | None:
                f"{best['requests_per_dollar']:,.0f} requests per dollar")
     else:  # the cheapest deployment that meets the target
         best = min(feasible, key=lambda r: (r["usd_per_hour"], -(r["at_target"]["throughput_rps"])))
-        from sim.results import counted
-
         why = (f"meets {target_rps:g} req/s on {counted(best['replicas'], 'replica')} "
                f"at ${best['usd_per_hour']:.2f}/hour")
     slack = -_miss(operating_point(best))

@@ -145,7 +145,7 @@ def fmt_seconds(v: float | None) -> str:
 
 
 def counted(n: int, noun: str) -> str:
-    """"1 replica", "2 replicas": a count with its noun."""
+    """A count with its noun, singular for one: "1 replica", "2 replicas"."""
     return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
