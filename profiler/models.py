@@ -84,7 +84,7 @@ def build(spec: ModelSpec | Path, dtype, device, quiet: bool = False):
 def check_fits(spec: ModelSpec | Path, dtype, device) -> None:
     """Refuse, in one line, a model whose weights alone exceed what `device` has free. Building it
     would end in CUDA's out-of-memory traceback, or on a Linux CPU, which overcommits, in the
-    kernel's OOM killer a minute later with no word of why (llama-3.1-8b in fp32, 32 GB, on this
+    kernel's OOM killer (exit 137) with no word of why (llama-3.1-8b in fp32, 32 GB, on this
     project's 23 GB VM). The model is counted on the meta device, which allocates nothing."""
     import torch
 

@@ -459,7 +459,7 @@ def test_a_cpu_pass_too_big_for_memory_fails_rather_than_being_killed():
 
 def test_a_model_whose_weights_do_not_fit_is_refused_before_it_is_built(monkeypatch):
     """Linux overcommits: llama-3.1-8b in fp32 (30 GiB) on this project's 23 GiB VM was built and
-    then killed by the kernel a minute later, with no word of why. The weights are counted on the
+    then killed by the kernel (exit 137), with no word of why. The weights are counted on the
     meta device, to the byte."""
     torch = pytest.importorskip("torch")
     from profiler import regime
