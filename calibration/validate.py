@@ -257,6 +257,7 @@ def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: 
     from profiler.measure import Bench, ModeSpec, device_peaks
     from profiler.regime import freeze_heap, serving_regime
     from sim import workload
+    from sim.results import counted
 
     serving_regime(device, threads)  # the regime `profile` measured in
     say(quiet, f"building {profile.model_name} ({scenario.deployment.mode}) on {device} ...")
@@ -275,7 +276,7 @@ def build_rig(scenario: Scenario, profile: Profile, device, threads: int, runs: 
     wake, after = penalties["wake"], penalties["after_prefill"]
     say(quiet, f"first pass after {wake['gap_s'][-1] * 1e3:g} ms idle: {wake['extra_s'][-1] * 1e3:.2f} ms slower; "
                f"first decode after a {after['tokens'][-1]}-token prefill: "
-               + ", ".join(f"{table[-1][0]:.0%} slower at {r} row{'s' if r > 1 else ''}"
+               + ", ".join(f"{table[-1][0]:.0%} slower at {counted(r, 'row')}"
                            for r, table in zip(after["rows"], after["excess"])))
     peaks = device_peaks(device, [mode.dtype])
     info = device_info(device) | {"copy_bytes_per_s": peaks["copy_bytes_per_s"]}
