@@ -42,7 +42,7 @@ def requests_frame(t: Trace, o: Outcome) -> pd.DataFrame:
         "preemptions": o.preemptions,
         "prefix_cached_tokens": o.prefix_cached_tokens,
         "rejected": np.array(REJECT_REASONS, dtype=object)[o.rejected],
-    })
+    }, copy=False)  # views of the trace's and the outcome's arrays: copies were 67 bytes a request
 
 
 def timeseries_frame(run: Run) -> pd.DataFrame:

@@ -380,14 +380,12 @@ class Simulation:
     # --- requests ---------------------------------------------------------------------------
 
     def arrivals(self):
-        env, trace, cache = self.env, self.trace, self.cache
-        times = trace.arrived_at.tolist()
-        prompt, output = trace.prompt_tokens.tolist(), trace.output_tokens.tolist()
-        keys, prefix_id, prefix_tokens = (a.tolist() for a in (trace.prompt_key, trace.prefix_id, trace.prefix_tokens))
-        for i, t in enumerate(times):
+        env, cache = self.env, self.cache
+        for row in self.trace.rows():
+            t = row[1]
             if t > env.now:
                 yield env.timeout(t - env.now)
-            req = Request(i, t, prompt[i], output[i], keys[i], prefix_id[i], prefix_tokens[i])
+            req = Request(*row)
             if cache is not None and req.prompt_key >= 0 and cache.get(req.prompt_key, -1.0) > t:
                 cache.move_to_end(req.prompt_key)
                 req.cache_hit = True

@@ -1,7 +1,7 @@
 """Request streams: arrival processes, length distributions and trace files.
 
 Everything is generated up front as numpy arrays (one entry per request), so a million requests
-cost a few megabytes and the simulator creates Request objects only as they arrive.
+cost 48 MB, and the simulator creates Request objects only as they arrive.
 """
 
 from __future__ import annotations
@@ -59,6 +59,15 @@ class Trace:
 
     def __len__(self) -> int:
         return len(self.arrived_at)
+
+    def rows(self, chunk: int = 4096) -> Iterator[tuple]:
+        """Each request's (index, arrived_at, prompt_tokens, output_tokens, prompt_key, prefix_id,
+        prefix_tokens) as Python numbers, in Request's field order. Converted a chunk at a time:
+        the whole columns as lists held 94 MB more at a million requests, through the whole run."""
+        columns = (self.arrived_at, self.prompt_tokens, self.output_tokens, self.prompt_key, self.prefix_id,
+                   self.prefix_tokens)
+        for start in range(0, len(self), chunk):
+            yield from zip(itertools.count(start), *(c[start:start + chunk].tolist() for c in columns))
 
 
 def _floats(texts: list[str]) -> np.ndarray:
