@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 import torch
 
+from sim import memory
+
 COMPILED_GRAPHS = 128  # graphs dynamo may compile per function in a -compiled mode (compile_model)
 
 
@@ -82,11 +84,7 @@ def available_memory(device: torch.device) -> int | None:
     """Bytes `device` can still give: a GPU's free memory, a CPU's MemAvailable (None off Linux)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return None
+    return memory.available()
 
 
 def freeze_heap() -> None:

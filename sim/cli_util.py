@@ -16,7 +16,8 @@ def run_command(main: Callable[[], int | None]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except MemoryError as e:  # numpy's too: a workload (or grid) this machine cannot hold
-        print(f"error: out of memory ({e}); ask for fewer requests or a shorter duration", file=sys.stderr)
+        detail = f" ({e})" if str(e) else ""  # Python's own MemoryError says nothing
+        print(f"error: out of memory{detail}; ask for fewer requests or a shorter duration", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

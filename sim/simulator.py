@@ -21,6 +21,7 @@ import simpy
 
 from calibration.cost_model import CostModel, cut_run
 from calibration.profile import Profile
+from sim import memory
 from sim.errors import InputError
 from sim.request import Request
 from sim.scenario import Scenario
@@ -30,6 +31,7 @@ from sim.workload import Trace
 REJECT_REASONS = ("", "kv_cache_too_small", "prompt_exceeds_max_batched_tokens", "exceeds_context_window")
 MAX_SAMPLES = 2000  # the time series' bound when the scenario sets no sample interval (even: see monitor)
 MAX_SET_SAMPLES = 1_000_000  # with one set: an interval of 1e-12 s sampled for ever, filling memory
+MEMORY_CHECK_EVERY = 4096  # arrivals: a check reads /proc/meminfo (17 us), and 4,096 queued take a megabyte
 
 
 def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
@@ -380,8 +382,10 @@ class Simulation:
     # --- requests ---------------------------------------------------------------------------
 
     def arrivals(self):
-        env, cache = self.env, self.cache
+        env, cache, n = self.env, self.cache, len(self.trace)
         for row in self.trace.rows():
+            if row[0] % MEMORY_CHECK_EVERY == 0:
+                memory.check(n, row[0])
             t = row[1]
             if t > env.now:
                 yield env.timeout(t - env.now)
