@@ -303,9 +303,16 @@ def find_max_rate(config: Config) -> dict:
 
 def min_replicas(config: Config, target_rps: float, max_replicas: int) -> dict:
     """The fewest replicas that meet the SLO at the target rate (binary search)."""
-    from sim.workload import offered_rate
+    from sim.workload import generate, offered_rate, scale_rate
 
+    scenario = config.scenario
     factor = target_rps / offered_rate(_base_trace(config))
+    requests = len(generate(scale_rate(scenario.workload, factor), scenario.seed))
+    # With a replica for every request, round-robin gives each its own in turn and least-outstanding
+    # the first idle one, which is among the first that many: more replicas leave every latency as it
+    # was. Searched up to 100,000 replicas, 2,000 requests that missed the SLO took 6 minutes.
+    if scenario.deployment.router != "random":
+        max_replicas = min(max_replicas, requests)
     curve, lo, hi, best = [], 1, max_replicas, None
     while lo <= hi:
         mid = (lo + hi) // 2

@@ -102,6 +102,33 @@ def test_unmeetable_slo_says_by_how_much(tmp_path, write_profile):
     assert result["recommendation"] is None
 
 
+@pytest.mark.parametrize("router", ["round-robin", "least-outstanding"])
+def test_past_a_replica_per_request_more_replicas_change_no_latency(write_profile, write_scenario, router):
+    # Why the target search stops at one replica per request (below): each request then has a replica
+    # of its own, the same one however many more there are.
+    from helpers import run_scenario
+
+    s = base_scenario(write_profile(prefill=lambda b, p: 0.002 * b * p / 64, decode=lambda b, c: 0.01 * b),
+                      router=router, batching={"policy": "continuous", "max_num_seqs": 4})
+    s["workload"] |= {"num_requests": 40, "arrivals": {"kind": "poisson", "rate": 50.0}}
+    frames = []
+    for replicas in (40, 120):
+        s["deployment"]["replicas"] = replicas
+        frames.append(run_scenario(write_scenario(s))[1])
+    assert frames[0]["replica"].max() < 40 and frames[0]["ttft_s"].max() > 2 * frames[0]["ttft_s"].min()
+    assert frames[0].equals(frames[1])
+
+
+def test_the_fewest_replicas_are_searched_up_to_one_per_request_at_most(tmp_path, write_profile):
+    # Searched up to 100,000 replicas, 2,000 requests that missed the SLO took 6 minutes.
+    path = write_plan(tmp_path, write_profile(prefill=lambda b, p: 0.1), {
+        "target_rps": 5, "max_replicas": 100_000, "slo": {"e2e": {"max_s": 0.05, "percentile": 95}}})
+    proc, result = run_plan(path)
+    assert proc.returncode == 1 and "misses the SLO by 100%" in proc.stderr
+    tried = [p["replicas"] for p in result["results"][0]["curve"]]
+    assert max(tried) == 400 and len(tried) == 9  # 1..400 bisected
+
+
 def test_a_configuration_that_rejects_every_request_says_so(tmp_path, write_profile):
     # Prompts of 64 tokens over a token budget of 8: the flood serves nothing, so there is no
     # saturation to bisect below, and one run at the base rate says why.
