@@ -360,17 +360,17 @@ def test_a_workload_too_big_for_memory_is_one_line_and_writes_nothing(tmp_path):
 @pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads Linux's MemAvailable")
 def test_a_queue_that_outgrows_the_memory_stops_the_run_in_one_line(tmp_path):
     # Linux overcommits: without the check, requests queued faster than one replica serves them
-    # grew until the kernel killed the run (exit 137, no word). Here the machine has 250 MB for it.
+    # grew until the kernel killed the run (exit 137, no word). Here the machine has 300 MB for it.
     script = ("import os, sys; from sim import memory; "
               "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'); "
-              "budget = rss() + (250 << 20); memory.available = lambda: budget - rss(); "
+              "budget = rss() + (300 << 20); memory.available = lambda: budget - rss(); "
               "from sim.cli import main; sys.exit(main(sys.argv[1:]))")
     out = tmp_path / "o"
     proc = subprocess.run([sys.executable, "-c", script, "scenarios/steady.yaml", "--out", str(out), "--quiet",
                            "--set", "workload.num_requests=400000", "--set", "deployment.replicas=1",
                            "--set", "workload.arrivals.rate=1000"], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
-    assert_one_line_error(proc, "out of memory (", " of 400,000 requests arrived, where their results need 102 MB)",
+    assert_one_line_error(proc, "out of memory (", " of 400,000 requests arrived, where their results need 140 MB)",
                           "fewer requests")
     assert not out.exists()
 
