@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Callable
@@ -255,28 +255,37 @@ class Replica:
 
 
 class TtftWindow:
-    """The TTFTs of the last window, by first-token time, for the latency autoscaler's percentile."""
+    """The TTFTs of the last window, by first-token time, for the latency autoscaler's percentile.
+
+    In numpy arrays, the live ones between `start` and `end`: the percentile reads them in place.
+    Kept in a deque, they were copied into an array at every tick, 3.4 ms for a 300-s window at 200
+    req/s: 200,000 requests with a 1-s tick ran 11.7-12.2 s, and run 8.3 s reading them in place."""
 
     def __init__(self):
-        # Apart, not (time, TTFT) pairs: np.fromiter reads a deque of floats at C speed, where a list
-        # built from the pairs at every tick took 2.4x the run over a 300-s window at 200 req/s.
-        self.times: deque[float] = deque()
-        self.values: deque[float] = deque()
+        self.times, self.values = np.empty(1024), np.empty(1024)
+        self.start = self.end = 0
 
     def __len__(self) -> int:
-        return len(self.times)
+        return self.end - self.start
 
-    def add(self, at: float, ttft: float) -> None:
-        self.times.append(at)
-        self.values.append(ttft)
+    def add(self, at: float, ttft: float) -> None:  # `at` never decreases: the simulation's clock
+        if self.end == len(self.times):  # full: move the live ones to the front, or double
+            live = slice(self.start, self.end)
+            size = len(self.times) * (2 if len(self) > len(self.times) // 2 else 1)
+            self.times, self.values = (np.concatenate([a[live], np.empty(size - len(self))])
+                                       for a in (self.times, self.values))
+            self.start, self.end = 0, self.end - self.start
+        self.times[self.end], self.values[self.end] = at, ttft
+        self.end += 1
 
     def expire(self, before: float) -> None:
-        while self.times and self.times[0] < before:
-            self.times.popleft()
-            self.values.popleft()
+        self.start += int(np.searchsorted(self.times[self.start:self.end], before))
+
+    def oldest(self) -> float:
+        return float(self.times[self.start])
 
     def percentile(self, q: float) -> float:
-        return float(np.percentile(np.fromiter(self.values, float, len(self.values)), q))
+        return float(np.percentile(self.values[self.start:self.end], q))
 
 
 class Simulation:
@@ -473,7 +482,7 @@ class Simulation:
                 # (ticking through lulls took hours).
                 until = math.inf if desired == n else last_action + spec.cooldown_s
                 if window:
-                    until = min(until, window.times[0] + spec.window_s)
+                    until = min(until, window.oldest() + spec.window_s)
                 k = yield from self._sleep(k, every, until)
                 continue
             last_action = env.now

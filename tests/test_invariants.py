@@ -486,3 +486,24 @@ def test_a_run_holds_little_beyond_its_results_per_request(write_profile):
     assert len(frame) == 20_000 and frame["finished_at"].notna().all()
     assert simulating / len(trace) < 100  # 75 now, fixed costs included; 148 with the lists
     assert tabling / len(trace) < 175  # 156 now; 223 with the copies
+
+
+@pytest.mark.parametrize("mean_gap, window_s", [(0.001, 10.0), (0.05, 10.0), (0.0, 1.0), (1.0, 0.5)])
+def test_the_ttft_windows_arrays_hold_what_a_list_of_the_last_window_holds(mean_gap, window_s):
+    # The window keeps its TTFTs in arrays it compacts and grows in place (from 1,024 entries); a list
+    # is the reference. Windows of thousands (grown), of hundreds (compacted), ties, and of one or none.
+    from sim.simulator import TtftWindow
+
+    rng = np.random.default_rng(7)
+    window, reference, now = TtftWindow(), [], 0.0
+    for gap, ttft, tick in zip(rng.exponential(mean_gap, 8000).round(3), rng.exponential(1.0, 8000),
+                               rng.random(8000) < 0.05):
+        now += gap
+        window.add(now, ttft)
+        reference.append((now, ttft))
+        if tick:  # the autoscaler's tick: expire, then read
+            window.expire(now - window_s)
+            reference = [(t, v) for t, v in reference if t >= now - window_s]
+            assert len(window) == len(reference) > 0
+            assert window.oldest() == reference[0][0]
+            assert window.percentile(95) == float(np.percentile([v for _, v in reference], 95))
