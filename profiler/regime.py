@@ -71,13 +71,8 @@ def allocations_fail_past_memory(device: torch.device):
 
 def _address_space_cap() -> int | None:
     """Bytes of address space this process holds plus the memory available (None off Linux)."""
-    available = available_memory(torch.device("cpu"))
-    try:
-        with open("/proc/self/status") as f:
-            held = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    except (OSError, StopIteration):
-        return None
-    return None if available is None else available + held
+    available, held = available_memory(torch.device("cpu")), memory.proc_bytes("/proc/self/status", "VmSize")
+    return None if available is None or held is None else available + held
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -22,16 +22,20 @@ CGROUP_FILES = {2: ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_
                 1: ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
 
 
+def proc_bytes(path: str, key: str) -> int | None:
+    """A "Key:   N kB" field of a /proc file (meminfo, self/status) in bytes; None off Linux."""
+    try:
+        with open(path) as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
 def available() -> int | None:
     """Bytes this process can still take: the machine's MemAvailable, or less where a cgroup it is
     in (a container's memory limit) leaves less. None where neither can be read: not Linux."""
-    try:
-        with open("/proc/meminfo") as f:
-            free = [next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))]
-    except (OSError, StopIteration):
-        free = []
-    free += _cgroup_headroom()
-    return min(free, default=None)
+    free = [proc_bytes("/proc/meminfo", "MemAvailable"), *_cgroup_headroom()]
+    return min((b for b in free if b is not None), default=None)
 
 
 def _cgroup_headroom() -> list[int]:

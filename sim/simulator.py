@@ -43,13 +43,13 @@ def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
     # million copies of the model ran as if they fitted.
     usable = profile.memory_bytes * dep.gpu_memory_utilization
     free = usable - dep.workers_per_gpu * mode.weights_bytes
-    memory = f"{usable / 2**30:.2f} GiB ({dep.gpu_memory_utilization:g} of {profile.device_name})"
+    room = f"{usable / 2**30:.2f} GiB ({dep.gpu_memory_utilization:g} of {profile.device_name})"
     weights = f"the {mode.weights_bytes / 2**30:.2f} GiB model"
     if free <= 0:
         if dep.workers_per_gpu == 1:  # then the memory is what is short
-            raise InputError(f"{scenario.path}: deployment.gpu_memory_utilization: {memory} does not hold {weights}")
+            raise InputError(f"{scenario.path}: deployment.gpu_memory_utilization: {room} does not hold {weights}")
         raise InputError(f"{scenario.path}: deployment.workers_per_gpu: {dep.workers_per_gpu} copies of {weights} "
-                         f"do not fit in {memory}")
+                         f"do not fit in {room}")
     if mode.kv_bytes_per_token == 0:  # no KV cache: nothing is kept between steps
         # A prompt's later chunks attend to its earlier ones' KV, and a prefix hit reuses another's.
         needs_cache = {"kv_cache_tokens": dep.kv_cache_tokens is not None,
@@ -65,7 +65,7 @@ def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
         return fits
     if dep.kv_cache_tokens > fits:
         raise InputError(f"{scenario.path}: deployment.kv_cache_tokens: {dep.kv_cache_tokens:,} tokens per worker "
-                         f"do not fit: {memory} less {dep.workers_per_gpu} x {weights} holds at most {fits:,}")
+                         f"do not fit: {room} less {dep.workers_per_gpu} x {weights} holds at most {fits:,}")
     return dep.kv_cache_tokens
 
 
