@@ -13,6 +13,10 @@ from pathlib import Path
 # (48) and drawing them: `simulate` of 1,000,000 requests grew by 200 MB after its simulation. And
 # for the CSV writers and plotly.js, a reserve.
 RESULT_BYTES = 200
+# Per time-series sample, once taken (its 7 columns, 56 bytes, are held during the run): its frame's
+# columns, then the CSV writer's and the report's reading back (it draws 4,000 points at most).
+# 850,000 samples peaked 148 bytes a sample above a run with the default 2,000.
+SAMPLE_BYTES = 100
 RESERVE_BYTES = 64 * 2**20
 
 # Where the kernel says which cgroups this process is in, and per cgroup version the memory
@@ -71,11 +75,16 @@ def _cgroup_headroom() -> list[int]:
     return out
 
 
-def check(requests: int, arrived: int) -> None:
+def check(requests: int, arrived: int, samples: int) -> None:
     """Raise MemoryError (a command's one line) where the machine no longer has what the run's
-    results need: at its start, or once a queue of requests it cannot serve has taken the rest.
-    Queued, a request holds about 260 bytes more: 3,000,000 at one replica peaked at 1.3 GB."""
-    free, need = available(), requests * RESULT_BYTES + RESERVE_BYTES
+    results need: at its start, or once a queue of requests it cannot serve, or a time series
+    sampled too often, has taken the rest. Queued, a request holds about 260 bytes more: 3,000,000
+    at one replica peaked at 1.3 GB."""
+    free = available()
+    need = requests * RESULT_BYTES + samples * SAMPLE_BYTES + RESERVE_BYTES
     if free is not None and free < need:
-        raise MemoryError(f"{free / 2**20:,.0f} MB free after {arrived:,} of {requests:,} requests arrived, "
+        # Name the samples where they are what is short: the remedy is then a longer interval.
+        taken = (f" and {samples:,} time-series samples taken (raise output.sample_interval_s)"
+                 if samples * SAMPLE_BYTES > requests * RESULT_BYTES else "")
+        raise MemoryError(f"{free / 2**20:,.0f} MB free after {arrived:,} of {requests:,} requests arrived{taken}, "
                           f"where their results need {need / 2**20:,.0f} MB")

@@ -46,7 +46,7 @@ def requests_frame(t: Trace, o: Outcome) -> pd.DataFrame:
 
 
 def timeseries_frame(run: Run) -> pd.DataFrame:
-    return pd.DataFrame(run.samples)
+    return pd.DataFrame({name: np.asarray(column) for name, column in run.samples.items()})
 
 
 def _stats(values: pd.Series) -> dict[str, float | None]:

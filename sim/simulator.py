@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -31,7 +32,7 @@ from sim.workload import Trace
 REJECT_REASONS = ("", "kv_cache_too_small", "prompt_exceeds_max_batched_tokens", "exceeds_context_window")
 MAX_SAMPLES = 2000  # the time series' bound when the scenario sets no sample interval (even: see monitor)
 MAX_SET_SAMPLES = 1_000_000  # with one set: an interval of 1e-12 s sampled for ever, filling memory
-MEMORY_CHECK_EVERY = 4096  # arrivals: a check reads /proc/meminfo and the cgroups (0.12 ms), and 4,096 queued take a megabyte
+MEMORY_CHECK_EVERY = 4096  # arrivals or samples: a check reads /proc/meminfo and the cgroups (0.12 ms), and 4,096 queued take a megabyte
 
 
 def kv_capacity_per_worker(scenario: Scenario, profile: Profile) -> float:
@@ -116,7 +117,7 @@ class Run:
 
     trace: Trace
     outcome: Outcome
-    samples: dict[str, list]
+    samples: dict[str, array]  # the time series' columns
     actions: list[tuple[float, str, int, int, str]]  # time, action, replicas before, after, reason
     batch_sizes: np.ndarray  # forward passes by batch size (index = rows)
     busy_s: float
@@ -331,8 +332,12 @@ class Simulation:
         # Succeeds when a request next arrives, finishes or gets its first token, while the autoscaler
         # sleeps on it (`autoscaler`).
         self.changed: simpy.Event | None = None
-        self.samples: dict[str, list] = {k: [] for k in (
-            "time_s", "queued", "running", "replicas", "ready_replicas", "kv_used_tokens", "kv_capacity_tokens")}
+        # Typed columns, 8 bytes a sample: in lists a float and its slot took 32, and a set interval keeps
+        # up to MAX_SET_SAMPLES. The capacity is a count of tokens, or infinite where the mode keeps no cache.
+        capacity = "q" if isinstance(self.kv_capacity, int) else "d"
+        self.samples: dict[str, array] = {k: array(code) for k, code in (
+            ("time_s", "d"), ("queued", "q"), ("running", "q"), ("replicas", "q"), ("ready_replicas", "q"),
+            ("kv_used_tokens", "q"), ("kv_capacity_tokens", capacity))}
 
     def _max_rows(self) -> int:
         b = self.scenario.deployment.batching
@@ -394,7 +399,7 @@ class Simulation:
         env, cache, n = self.env, self.cache, len(self.trace)
         for row in self.trace.rows():
             if row[0] % MEMORY_CHECK_EVERY == 0:
-                memory.check(n, row[0])
+                memory.check(n, row[0], len(self.samples["time_s"]))
             t = row[1]
             if t > env.now:
                 yield env.timeout(t - env.now)
@@ -527,6 +532,9 @@ class Simulation:
             elif len(s["time_s"]) > MAX_SET_SAMPLES:  # a set interval is kept, up to a point
                 raise InputError(f"{self.scenario.path}: output.sample_interval_s: {interval:g} s took "
                                  f"{MAX_SET_SAMPLES:,} samples by {env.now:.6g} s into the run: raise it")
+            elif len(s["time_s"]) % MEMORY_CHECK_EVERY == 0:  # samples still grow once the requests have arrived
+                arrived = int(np.searchsorted(self.trace.arrived_at, env.now))
+                memory.check(len(self.trace), arrived, len(s["time_s"]))
             yield env.timeout(interval)
 
     def run(self) -> Run:

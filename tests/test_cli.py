@@ -403,7 +403,7 @@ def test_the_memory_a_run_can_take_is_what_its_tightest_cgroup_leaves(tmp_path, 
     assert memory.available() == 200 * mb
     with pytest.raises(MemoryError, match=r"^200 MB free after 0 of 1,000,000 requests arrived, where their "
                                           r"results need 255 MB$"):
-        memory.check(1_000_000, 0)
+        memory.check(1_000_000, 0, 0)
 
 
 def test_python_s_own_memory_error_has_no_words_and_the_line_no_empty_brackets(capsys):

@@ -488,6 +488,51 @@ def test_a_run_holds_little_beyond_its_results_per_request(write_profile):
     assert tabling / len(trace) < 175  # 156 now; 223 with the copies
 
 
+def sampled_often(write_profile, num_requests: int, interval: float):
+    """A scenario, its trace and profile: a short burst of requests sampled every `interval` seconds."""
+    from calibration.profile import load as load_profile
+    from sim import scenario as scenario_mod, workload
+
+    raw = base_scenario(write_profile(), replicas=2)
+    raw["workload"] |= {"num_requests": num_requests, "arrivals": {"kind": "poisson", "rate": 1000.0}}
+    raw["output"] = {"sample_interval_s": interval}
+    scenario = scenario_mod.parse(raw, "test.yaml", write_profile().parent)
+    return scenario, workload.generate(scenario.workload, scenario.seed), load_profile(scenario.deployment.profile)
+
+
+def test_a_time_series_sampled_often_holds_eight_bytes_a_column_a_sample(write_profile):
+    # A set interval keeps up to a million samples; as lists of Python numbers (a float and its slot
+    # take 32 bytes) they took 148 bytes a sample, 148 MB at the cap before the table and the report.
+    import tracemalloc
+
+    from sim.simulator import simulate
+
+    scenario, trace, profile = sampled_often(write_profile, 20, 1e-6)
+    tracemalloc.start()
+    try:
+        run = simulate(scenario, profile, trace)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    samples = len(run.samples["time_s"])
+    assert samples > 50_000 and {len(column) for column in run.samples.values()} == {samples}
+    assert peak / samples < 7 * 8 * 1.5  # 7 columns: 59 bytes a sample now, 148 as lists
+
+
+def test_a_time_series_that_outgrows_the_memory_after_the_arrivals_stops_the_run(write_profile, monkeypatch):
+    # Every request has arrived (and been checked) within a second, but a tiny interval keeps sampling
+    # while they are served: the samples alone must be able to stop the run, naming the interval.
+    from sim import memory
+    from sim.simulator import simulate
+
+    scenario, trace, profile = sampled_often(write_profile, 20, 1e-6)
+    monkeypatch.setattr(memory, "available", lambda: memory.RESERVE_BYTES + 20 * memory.RESULT_BYTES + 5 * 10**6)
+    with pytest.raises(MemoryError, match=r" MB free after 20 of 20 requests arrived and 53,248 time-series samples "
+                                          r"taken \(raise output.sample_interval_s\), where their results need 69 MB$"):
+        simulate(scenario, profile, trace)
+    assert trace.arrived_at[-1] < 53_248 * 1e-6  # they had all arrived
+
+
 @pytest.mark.parametrize("mean_gap, window_s", [(0.001, 10.0), (0.05, 10.0), (0.0, 1.0), (1.0, 0.5)])
 def test_the_ttft_windows_arrays_hold_what_a_list_of_the_last_window_holds(mean_gap, window_s):
     # The window keeps its TTFTs in arrays it compacts and grows in place (from 1,024 entries); a list
