@@ -9,6 +9,7 @@ advanced as one event, so a request costs a handful of events, not one per token
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from array import array
@@ -136,6 +137,8 @@ class Worker:
         self.wakeable = False  # idle, or in a run of decode steps that an arrival would change
         self.idle: simpy.Event | None = None  # what an idle worker with no deadline waits on
         self.outstanding = 0
+        self.routable = False  # among the ready workers, which the router may choose
+        self.keyed = -1  # its key in the least-outstanding router's heap; -1 while it has none
         # Its last prefill pass and the decodes since (the after-prefill excess). A worker's own, not
         # its device's: a sibling's passes would then change the price of a run already jumped.
         self.last_prefill_tokens = 0.0
@@ -226,6 +229,8 @@ class Worker:
                 self.outstanding -= 1
                 if not self.outstanding:
                     sim.busy.discard(self)
+                if self.outstanding < self.keyed:  # now perhaps the least: key it there
+                    sim.least.push(self)
                 sim.finish(r)
             if sim.ttft_window is not None and step.prefill:
                 for r, _ in step.prefill:
@@ -253,6 +258,49 @@ class Replica:
     stopped_at: float = math.inf
     last_pass_end: float = -math.inf  # when the device last finished a forward pass
     passes_running: int = 0  # its workers' passes in flight: while any runs, the device is not idle
+
+
+class LeastOutstanding:
+    """The least-outstanding router's choice, the ready worker with the fewest requests in hand (the
+    first ready among equals), in log(workers) steps. A scan of every ready worker per request took
+    11.3 s of a 100,000-request run on 1,000 replicas (4.0 s on 10).
+
+    A heap of (outstanding, index) entries. Each ready worker has one entry at `keyed`, at most its
+    outstanding count: so the top, once its count is found equal, is the least. A worker pushes an
+    entry when its count drops below its key; its rise is found when its entry surfaces, and re-keyed
+    there; entries left behind are dropped as they surface. Workers become ready in the order they
+    were made (every replica added later loads as long), so the lowest index is the first ready: the
+    scan's tie-break."""
+
+    def __init__(self, sim: Simulation):
+        self.sim = sim
+        self.heap: list[tuple[int, int]] = []
+        self.limit = 64  # the heap's size past which it is mostly entries left behind: then rebuilt
+
+    def push(self, worker: Worker) -> None:
+        """Key a worker at its count: one becoming ready, or one whose count dropped below its key."""
+        worker.keyed = worker.outstanding
+        heapq.heappush(self.heap, (worker.outstanding, worker.index))
+        if len(self.heap) > self.limit:
+            ready = self.sim.ready
+            for w in ready:
+                w.keyed = w.outstanding
+            self.heap = [(w.outstanding, w.index) for w in ready]
+            heapq.heapify(self.heap)
+            self.limit = 4 * len(ready) + 64
+
+    def pick(self) -> Worker:
+        heap, workers = self.heap, self.sim.workers
+        while True:
+            key, index = heap[0]
+            worker = workers[index]
+            if key != worker.keyed or not worker.routable:  # left behind
+                heapq.heappop(heap)
+            elif key < worker.outstanding:  # it rose since: re-key it
+                worker.keyed = worker.outstanding
+                heapq.heapreplace(heap, (worker.outstanding, index))
+            else:
+                return worker
 
 
 class TtftWindow:
@@ -320,6 +368,7 @@ class Simulation:
         # replica still holds its cache, and its requests still use it.
         self.holding = 0
         self.rr = 0
+        self.least = LeastOutstanding(self) if scenario.deployment.router == "least-outstanding" else None
         self.closed = False  # every request has arrived
         self.busy_s = 0.0
         # Forward passes by rows, up to the policy's limit or the requests there are (a limit of 10^9
@@ -363,6 +412,10 @@ class Simulation:
             self.holding += len(replica.workers)
         if not replica.draining:
             self.ready.extend(replica.workers)
+            for worker in replica.workers:
+                worker.routable = True
+                if self.least is not None:
+                    self.least.push(worker)
         for worker in replica.workers:
             if self.remaining == 0 or self.closed:
                 worker.scheduler.close()
@@ -385,6 +438,7 @@ class Simulation:
         replica.draining = True
         self.ready = [w for w in self.ready if w.replica is not replica]
         for worker in replica.workers:
+            worker.routable = False
             worker.scheduler.close()  # a static batcher must not wait for a batch that won't come
             worker.wake()
         if not replica.ready:  # still loading: give the GPU back at once
@@ -427,6 +481,8 @@ class Simulation:
             self.rr += 1
         elif router == "random":
             worker = ready[self.rng.randrange(len(ready))]
+        elif ready is self.ready:
+            worker = self.least.pick()
         else:
             worker = min(ready, key=attrgetter("outstanding"))
         worker.submit(req)

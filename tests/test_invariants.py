@@ -322,6 +322,52 @@ def test_the_autoscalers_sleep_changes_nothing(write_profile, write_scenario, po
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
+    batching=st.sampled_from([{"policy": "dynamic", "max_batch_size": 4}, {"policy": "continuous", "max_num_seqs": 8},
+                              {"policy": "continuous", "max_num_seqs": 8, "kv_layout": "padded"}]),
+    kv_tokens=st.sampled_from([1200, 10**6]),  # 1,200: rejections and preemptions
+    autoscaler=st.sampled_from([None, "queue-depth", "latency"]),
+    replicas=st.integers(1, 3),
+    workers_per_gpu=st.integers(1, 3),
+    model_load_s=st.sampled_from([0.0, 2.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_least_outstanding_heap_picks_what_a_scan_of_the_ready_workers_picks(
+        write_profile, write_scenario, batching, kv_tokens, autoscaler, replicas, workers_per_gpu, model_load_s, seed):
+    """The router's heap must choose, request by request, the worker the scan it replaced chose: the
+    fewest outstanding, the first in `ready` among equals, through replicas loading, draining and
+    stopping, rejected requests and siblings on one device; and stay bounded."""
+    from operator import attrgetter
+
+    from sim.simulator import LeastOutstanding
+
+    profile = write_profile(prefill=lambda b, p: 0.003 + 2e-5 * b * p, decode=lambda b, c: 0.005 + 1e-3 * b,
+                            model_load_s=model_load_s)
+    s = base_scenario(profile, replicas=replicas, workers_per_gpu=workers_per_gpu, kv_cache_tokens=kv_tokens,
+                      batching=batching)
+    s["seed"] = seed
+    s["workload"] |= {"num_requests": 300, "arrivals": {"kind": "bursty", "rates": [0.5, 60.0], "mean_durations_s": [10, 3]}}
+    if autoscaler:
+        rule = {"target_queue_per_replica": 4} if autoscaler == "queue-depth" else {"target_ttft_s": 0.05, "window_s": 2}
+        s["autoscaler"] = {"policy": autoscaler, "min_replicas": 1, "max_replicas": 5, "interval_s": 0.5,
+                           "cooldown_s": 0} | rule
+    picks = []
+    pick = LeastOutstanding.pick
+
+    def checked(self):
+        chosen, scanned = pick(self), min(self.sim.ready, key=attrgetter("outstanding"))
+        picks.append(chosen is scanned)
+        assert chosen is scanned, (chosen.index, chosen.outstanding, scanned.index, scanned.outstanding)
+        assert len(self.heap) <= self.limit + 1 and self.limit <= 4 * len(self.sim.workers) + 64
+        return chosen
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LeastOutstanding, "pick", checked)
+        run, frame, _ = run_scenario(write_scenario(s))
+    assert len(picks) > 0 and frame["finished_at"].notna().sum() + (frame["rejected"] != "").sum() == 300
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
     batching=st.sampled_from([{"policy": "static", "max_batch_size": 4}, {"policy": "dynamic", "max_batch_size": 4},
                               {"policy": "continuous", "max_num_seqs": 8},
                               {"policy": "continuous", "max_num_seqs": 8, "kv_layout": "padded"},
