@@ -335,6 +335,10 @@ def apply_overrides(data: Any, overrides: list[str], file: str) -> Any:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise InputError(f"--set {item!r}: expected key.path=value")
+        # YAML reads nothing as null, which is the default: `--set deployment.replicas=$N` with N
+        # unset ran on the scenario's default replicas without a word.
+        if not text.strip():
+            raise InputError(f"--set {item!r}: no value (to unset the key, write {key}=null)")
         try:
             value = parse_yaml(text)
         except yaml.YAMLError:

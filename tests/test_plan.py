@@ -201,6 +201,11 @@ def test_set_reaches_a_plans_dotted_search_keys_and_its_list_entries():
                     "slo": {"ttft": {"max_s": 0.5}}}
     with pytest.raises(InputError, match="'3' is not a mapping or an index into a list"):
         apply_overrides(plan, ["hardware.3.usd_per_gpu_hour=1"], "plan.yaml")
+    # An empty value is a slip (a shell variable left unset), not a null: YAML read it as the default.
+    for empty in ("num_requests=", "num_requests= "):
+        with pytest.raises(InputError, match=rf"^--set '{empty}': no value \(to unset the key, write num_requests=null\)$"):
+            apply_overrides(plan, [empty], "plan.yaml")
+    assert apply_overrides(plan, ["num_requests=null"], "plan.yaml")["num_requests"] is None
 
 
 def test_a_real_local_dask_cluster_gives_the_same_answers(tmp_path, write_profile):
