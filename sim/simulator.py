@@ -262,8 +262,8 @@ class Replica:
 
 class LeastOutstanding:
     """The least-outstanding router's choice, the ready worker with the fewest requests in hand (the
-    first ready among equals), in log(workers) steps. A scan of every ready worker per request took
-    11.3 s of a 100,000-request run on 1,000 replicas (4.0 s on 10).
+    first ready among equals), in log(workers) steps. With a scan of every ready worker per request,
+    100,000 requests on 1,000 replicas simulated in 8.8-10.4 s; 5.1-6.4 s so (benchmarks/NOTES.md).
 
     A heap of (outstanding, index) entries. Each ready worker has one entry at `keyed`, at most its
     outstanding count: so the top, once its count is found equal, is the least. A worker pushes an
