@@ -483,7 +483,7 @@ class Simulation:
             worker = ready[self.rng.randrange(len(ready))]
         elif ready is self.ready:
             worker = self.least.pick()
-        else:
+        else:  # every replica loading: their workers are not in the heap
             worker = min(ready, key=attrgetter("outstanding"))
         worker.submit(req)
         self.signal_change()
