@@ -569,13 +569,18 @@ class Simulation:
     def monitor(self, interval: float, bounded: bool):
         env, s = self.env, self.samples
         while True:
-            workers = self.busy  # sums of ints: the set's order does not matter
+            queued = running = kv_used = 0
+            for worker in self.busy:  # sums of ints: the set's order does not matter; one pass, not three
+                sched = worker.scheduler
+                queued += sched.num_waiting
+                running += sched.num_running
+                kv_used += sched.kv_used
             s["time_s"].append(env.now)
-            s["queued"].append(sum(w.scheduler.num_waiting for w in workers))
-            s["running"].append(sum(w.scheduler.num_running for w in workers))
+            s["queued"].append(queued)
+            s["running"].append(running)
             s["replicas"].append(len(self.live))
             s["ready_replicas"].append(len(self.ready) // self.scenario.deployment.workers_per_gpu)
-            s["kv_used_tokens"].append(sum(w.scheduler.kv_used for w in workers))
+            s["kv_used_tokens"].append(kv_used)
             s["kv_capacity_tokens"].append(self.kv_capacity * self.holding)
             if bounded and len(s["time_s"]) > MAX_SAMPLES:
                 # The default interval spreads ~1,000 samples over the arrivals, but a run can last far
