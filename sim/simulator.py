@@ -137,7 +137,6 @@ class Worker:
         self.wakeable = False  # idle, or in a run of decode steps that an arrival would change
         self.idle: simpy.Event | None = None  # what an idle worker with no deadline waits on
         self.outstanding = 0
-        self.routable = False  # among the ready workers, which the router may choose
         self.keyed = -1  # its key in the least-outstanding router's heap; -1 while it has none
         # Its last prefill pass and the decodes since (the after-prefill excess). A worker's own, not
         # its device's: a sibling's passes would then change the price of a run already jumped.
@@ -294,7 +293,7 @@ class LeastOutstanding:
         while True:
             key, index = heap[0]
             worker = workers[index]
-            if key != worker.keyed or not worker.routable:  # left behind
+            if key != worker.keyed or worker.replica.draining:  # left behind (only ready workers are keyed)
                 heapq.heappop(heap)
             elif key < worker.outstanding:  # it rose since: re-key it
                 worker.keyed = worker.outstanding
@@ -412,9 +411,8 @@ class Simulation:
             self.holding += len(replica.workers)
         if not replica.draining:
             self.ready.extend(replica.workers)
-            for worker in replica.workers:
-                worker.routable = True
-                if self.least is not None:
+            if self.least is not None:
+                for worker in replica.workers:
                     self.least.push(worker)
         for worker in replica.workers:
             if self.remaining == 0 or self.closed:
@@ -438,7 +436,6 @@ class Simulation:
         replica.draining = True
         self.ready = [w for w in self.ready if w.replica is not replica]
         for worker in replica.workers:
-            worker.routable = False
             worker.scheduler.close()  # a static batcher must not wait for a batch that won't come
             worker.wake()
         if not replica.ready:  # still loading: give the GPU back at once
