@@ -504,6 +504,15 @@ def test_a_run_long_past_its_arrivals_keeps_a_bounded_evenly_spaced_time_series(
     pd.testing.assert_frame_equal(frame, fixed_frame)
 
 
+def prepared(raw: dict, write_profile):
+    """A scenario dict parsed, with its trace and profile, for a test that calls `simulate` itself."""
+    from calibration.profile import load as load_profile
+    from sim import scenario as scenario_mod, workload
+
+    scenario = scenario_mod.parse(raw, "test.yaml", write_profile().parent)
+    return scenario, workload.generate(scenario.workload, scenario.seed), load_profile(scenario.deployment.profile)
+
+
 def test_a_run_holds_little_beyond_its_results_per_request(write_profile):
     # What a run must keep is its trace (48 bytes a request, before it starts), each request's
     # outcome (46) and the table's derived columns (48). The simulator once held the trace again as
@@ -512,15 +521,12 @@ def test_a_run_holds_little_beyond_its_results_per_request(write_profile):
     # requests, 25 GB of memory where their results need 14.
     import tracemalloc
 
-    from calibration.profile import load as load_profile
-    from sim import results, scenario as scenario_mod, workload
+    from sim import results
     from sim.simulator import simulate
 
     raw = base_scenario(write_profile(), replicas=8)
     raw["workload"] |= {"num_requests": 20_000, "arrivals": {"kind": "poisson", "rate": 500.0}}
-    scenario = scenario_mod.parse(raw, "test.yaml", write_profile().parent)
-    trace = workload.generate(scenario.workload, scenario.seed)
-    profile = load_profile(scenario.deployment.profile)
+    scenario, trace, profile = prepared(raw, write_profile)
     tracemalloc.start()
     try:
         run = simulate(scenario, profile, trace)
@@ -536,14 +542,10 @@ def test_a_run_holds_little_beyond_its_results_per_request(write_profile):
 
 def sampled_often(write_profile, num_requests: int, interval: float):
     """A scenario, its trace and profile: a short burst of requests sampled every `interval` seconds."""
-    from calibration.profile import load as load_profile
-    from sim import scenario as scenario_mod, workload
-
     raw = base_scenario(write_profile(), replicas=2)
     raw["workload"] |= {"num_requests": num_requests, "arrivals": {"kind": "poisson", "rate": 1000.0}}
     raw["output"] = {"sample_interval_s": interval}
-    scenario = scenario_mod.parse(raw, "test.yaml", write_profile().parent)
-    return scenario, workload.generate(scenario.workload, scenario.seed), load_profile(scenario.deployment.profile)
+    return prepared(raw, write_profile)
 
 
 def test_a_time_series_sampled_often_holds_eight_bytes_a_column_a_sample(write_profile):
